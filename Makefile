@@ -1,0 +1,36 @@
+# The two commands (README): `make demo` and `make test`. Each sets up its own venv.
+PYTHON ?= python3
+VENV := .venv
+EDGE_VENV := .venv-edge
+PY := $(VENV)/bin/python
+# The CPU build of torch that lies on this machine's disk; a bare `torch` would pull a CUDA build.
+TORCH_PIN ?= torch==2.13.0
+
+.PHONY: demo test test-core test-edge-alone venv clean
+
+$(VENV)/.installed.stamp: pyproject.toml edge_runtime/pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_PIN)"
+	$(PY) -m pip install -q -e "edge_runtime[cpu,png]" -e ".[dev]" "$(TORCH_PIN)"
+	touch $@
+
+venv: $(VENV)/.installed.stamp
+
+demo: venv
+	$(VENV)/bin/collafuse demo --out demo-out
+
+test: test-core test-edge-alone
+
+test-core: venv
+	$(PY) -m pytest -q tests || [ $$? -eq 5 ]
+
+# Proves the edge runtime installs and runs with no torch/diffusers: a fresh venv, edge alone.
+test-edge-alone:
+	rm -rf $(EDGE_VENV)
+	$(PYTHON) -m venv $(EDGE_VENV)
+	$(EDGE_VENV)/bin/python -m pip install -q "./edge_runtime[cpu,png]" pytest pytest-aiohttp
+	cd tests/edge && ../../$(EDGE_VENV)/bin/python -m pytest -q -p no:cacheprovider --rootdir=. -c /dev/null -o asyncio_mode=auto . || [ $$? -eq 5 ]
+
+clean:
+	rm -rf $(VENV) $(EDGE_VENV) demo-out

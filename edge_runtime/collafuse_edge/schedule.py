@@ -1,0 +1,394 @@
+"""DDPM schedule maths: the one source of truth shared by the torch core and the numpy edge runtime.
+
+Tables are numpy float64, computed once. Step functions take the model output *and the noise*
+as arguments and work on numpy arrays or torch tensors alike (duck-typed: only ``*``, ``+``,
+``-`` and ``.clip`` are used on the sample), so the torch sampler and the edge sampler run the
+same formulas and cannot drift. Conventions follow diffusers (SPEC §2):
+
+* levels are ``0 … T-1``; the sampler starts from pure noise at level ``T-1``;
+* the step at level ``t`` yields the sample at level ``prev_t`` (``t-1`` for full DDPM);
+  ``prev_t = -1`` means the clean image (``ᾱ_{-1} = 1``);
+* a cut ratio ``c`` gives the client ``k = round(c·T)`` levels ``k-1 … 0``; the server runs
+  ``T-1 … k``; the handoff sample is the sample at level ``k-1``.
+
+Example::
+
+    s = Schedule.create(1000, "linear")
+    x = s.add_noise(x0, eps, t)                     # q(x_t | x_0)
+    x = ddpm_step(s, x, eps_hat, t, t - 1, noise)    # one reverse step
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal, Sequence
+
+import numpy as np
+
+from .errors import ScheduleError
+
+BetaScheduleName = Literal["linear", "cosine"]
+BETA_SCHEDULES: tuple[str, ...] = ("linear", "cosine")
+SAMPLERS: tuple[str, ...] = ("ddpm", "ddim")
+
+
+def make_betas(
+    num_train_timesteps: int,
+    beta_schedule: str = "linear",
+    beta_start: float = 1e-4,
+    beta_end: float = 0.02,
+) -> np.ndarray:
+    """Betas ``[T]`` float64 exactly as diffusers defines ``linear`` and ``squaredcos_cap_v2``."""
+    if not isinstance(num_train_timesteps, (int, np.integer)) or num_train_timesteps < 2:
+        raise ScheduleError(
+            f"num_train_timesteps must be an integer ≥ 2, got {num_train_timesteps!r}"
+        )
+    if beta_schedule == "linear":
+        if not (0.0 < beta_start < beta_end < 1.0):
+            raise ScheduleError(
+                f"linear schedule needs 0 < beta_start < beta_end < 1, got {beta_start}, {beta_end}"
+            )
+        return np.linspace(beta_start, beta_end, int(num_train_timesteps), dtype=np.float64)
+    if beta_schedule in ("cosine", "squaredcos_cap_v2"):
+
+        def alpha_bar(t: float) -> float:
+            return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+        T = int(num_train_timesteps)
+        return np.array(
+            [min(1 - alpha_bar((i + 1) / T) / alpha_bar(i / T), 0.999) for i in range(T)],
+            dtype=np.float64,
+        )
+    raise ScheduleError(
+        f"unknown beta_schedule {beta_schedule!r}; choose one of {', '.join(BETA_SCHEDULES)}"
+    )
+
+
+def _coef(values: np.ndarray, like: Any) -> Any:
+    """Reshape per-row coefficients ``[B]`` to broadcast over ``like`` ``[B, ...]`` in its dtype.
+
+    Works for numpy arrays and torch tensors without importing torch.
+    """
+    shape = (-1,) + (1,) * (like.ndim - 1)
+    if isinstance(like, np.ndarray):
+        return values.astype(like.dtype, copy=False).reshape(shape)
+    return like.new_tensor(values).reshape(shape)  # torch.Tensor: same dtype and device
+
+
+def _as_levels(t: Any, batch: int, name: str) -> np.ndarray:
+    """A level argument (int, sequence, numpy or torch) as int64 ``[B]``."""
+    if hasattr(t, "detach"):  # torch tensor
+        t = t.detach().cpu().numpy()
+    arr = np.asarray(t)
+    if arr.dtype.kind not in "iu":
+        raise ScheduleError(f"{name} must hold integers, got dtype {arr.dtype}")
+    arr = arr.astype(np.int64)
+    if arr.ndim == 0:
+        arr = np.full(batch, int(arr), dtype=np.int64)
+    if arr.shape != (batch,):
+        raise ScheduleError(f"{name} must be a scalar or have shape [{batch}], got {arr.shape}")
+    return arr
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A DDPM noise schedule. ``betas`` is float64 ``[T]``; the other tables derive from it."""
+
+    betas: np.ndarray
+    beta_schedule: str = "linear"
+    prediction_type: str = "epsilon"
+    clip_sample: bool = True
+    clip_sample_range: float = 1.0
+    alphas: np.ndarray = field(init=False, repr=False)
+    alphas_cumprod: np.ndarray = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        betas = np.asarray(self.betas, dtype=np.float64)
+        if betas.ndim != 1 or betas.size < 2:
+            raise ScheduleError(f"betas must be a 1-D array of length ≥ 2, got shape {betas.shape}")
+        if not np.all(np.isfinite(betas)) or np.any(betas <= 0) or np.any(betas >= 1):
+            raise ScheduleError("betas must be finite and strictly inside (0, 1)")
+        if self.prediction_type != "epsilon":
+            raise ScheduleError(
+                f"prediction_type {self.prediction_type!r} is not supported; only 'epsilon'"
+            )
+        if self.clip_sample_range <= 0:
+            raise ScheduleError(f"clip_sample_range must be > 0, got {self.clip_sample_range}")
+        object.__setattr__(self, "betas", betas)
+        object.__setattr__(self, "alphas", 1.0 - betas)
+        object.__setattr__(self, "alphas_cumprod", np.cumprod(1.0 - betas))
+
+    @classmethod
+    def create(
+        cls,
+        num_train_timesteps: int = 1000,
+        beta_schedule: str = "linear",
+        beta_start: float = 1e-4,
+        beta_end: float = 0.02,
+        clip_sample: bool = True,
+    ) -> "Schedule":
+        name = "cosine" if beta_schedule == "squaredcos_cap_v2" else beta_schedule
+        return cls(
+            make_betas(num_train_timesteps, beta_schedule, beta_start, beta_end),
+            beta_schedule=name,
+            clip_sample=clip_sample,
+        )
+
+    @property
+    def T(self) -> int:
+        return int(self.betas.size)
+
+    def alpha_bar(self, t: Any) -> np.ndarray:
+        """ᾱ at levels ``t`` (int64 array); level -1 (the clean image) has ᾱ = 1."""
+        t = np.asarray(t, dtype=np.int64)
+        if np.any(t < -1) or np.any(t >= self.T):
+            raise ScheduleError(f"levels must lie in [-1, {self.T - 1}], got {t.min()}…{t.max()}")
+        ab = np.ones(t.shape, dtype=np.float64)
+        pos = t >= 0
+        ab[pos] = self.alphas_cumprod[t[pos]]
+        return ab
+
+    def check_level(self, t: int, name: str = "level") -> int:
+        if not isinstance(t, (int, np.integer)) or not (0 <= t < self.T):
+            raise ScheduleError(f"{name} must be an integer in [0, {self.T - 1}], got {t!r}")
+        return int(t)
+
+    def add_noise(self, x0: Any, noise: Any, t: Any) -> Any:
+        """q(x_t | x_0) = sqrt(ᾱ_t)·x0 + sqrt(1-ᾱ_t)·noise, per-row levels ``t`` ``[B]``."""
+        lv = _as_levels(t, x0.shape[0], "t")
+        ab = self.alpha_bar(lv)
+        return _coef(np.sqrt(ab), x0) * x0 + _coef(np.sqrt(1 - ab), x0) * noise
+
+    def renoise(self, x_h: Any, noise: Any, t: Any, h: Any) -> Any:
+        """The Markov marginal q(x_t | x_h) for t > h: sqrt(ᾱ_t/ᾱ_h)·x_h + sqrt(1-ᾱ_t/ᾱ_h)·noise."""
+        lv = _as_levels(t, x_h.shape[0], "t")
+        hv = _as_levels(h, x_h.shape[0], "h")
+        if np.any(lv <= hv):
+            raise ScheduleError("renoise needs t > h on every row")
+        ratio = self.alpha_bar(lv) / self.alpha_bar(hv)
+        return _coef(np.sqrt(ratio), x_h) * x_h + _coef(np.sqrt(1 - ratio), x_h) * noise
+
+    def to_dict(self) -> dict:
+        """JSON-ready description (the bundle manifest and ``/v1/info`` carry this)."""
+        return {
+            "num_train_timesteps": self.T,
+            "beta_schedule": self.beta_schedule,
+            "prediction_type": self.prediction_type,
+            "clip_sample": self.clip_sample,
+            "clip_sample_range": self.clip_sample_range,
+            "betas": [float(b) for b in self.betas],
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Schedule":
+        try:
+            betas = np.asarray(d["betas"], dtype=np.float64)
+            sched = cls(
+                betas,
+                beta_schedule=str(d.get("beta_schedule", "custom")),
+                prediction_type=str(d.get("prediction_type", "epsilon")),
+                clip_sample=bool(d.get("clip_sample", True)),
+                clip_sample_range=float(d.get("clip_sample_range", 1.0)),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            if isinstance(e, ScheduleError):
+                raise
+            raise ScheduleError(f"invalid schedule description: {e}") from e
+        if "num_train_timesteps" in d and int(d["num_train_timesteps"]) != sched.T:
+            raise ScheduleError(
+                f"schedule says num_train_timesteps={d['num_train_timesteps']} but has {sched.T} betas"
+            )
+        return sched
+
+    def same_as(self, other: "Schedule", rtol: float = 1e-9) -> bool:
+        return (
+            self.T == other.T
+            and self.prediction_type == other.prediction_type
+            and self.clip_sample == other.clip_sample
+            and np.allclose(self.betas, other.betas, rtol=rtol, atol=0)
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# cut ratio arithmetic
+
+
+def client_level_count(cut_ratio: float, T: int) -> int:
+    """k = round(c·T), the number of levels (k-1 … 0) the client runs. Halves round up."""
+    if isinstance(cut_ratio, bool) or not isinstance(cut_ratio, (int, float, np.floating)):
+        raise ScheduleError(f"cut ratio must be a number in [0, 1], got {cut_ratio!r}")
+    c = float(cut_ratio)
+    if not (0.0 <= c <= 1.0) or math.isnan(c):
+        raise ScheduleError(f"cut ratio must lie in [0, 1], got {cut_ratio!r}")
+    return int(math.floor(c * T + 0.5))
+
+
+def handoff_level(cut_ratio: float, T: int) -> int:
+    """The level of the handoff sample, k-1 (-1 when c = 0: the server returns a clean image)."""
+    return client_level_count(cut_ratio, T) - 1
+
+
+# ---------------------------------------------------------------------------------------------
+# timetables
+
+
+def _spaced(start: int, stop: int, steps: int | None) -> np.ndarray:
+    """Descending levels from ``start`` to ``stop`` inclusive; ``steps`` of them evenly spaced."""
+    if start < stop:
+        return np.zeros(0, dtype=np.int64)
+    full = start - stop + 1
+    if steps is None or steps >= full:
+        return np.arange(start, stop - 1, -1, dtype=np.int64)
+    if steps < 1:
+        raise ScheduleError(f"step count must be ≥ 1, got {steps}")
+    if steps == 1:
+        return np.array([start], dtype=np.int64)
+    lv = np.round(np.linspace(start, stop, steps)).astype(np.int64)
+    return np.unique(lv)[::-1].copy()
+
+
+@dataclass(frozen=True)
+class Timetable:
+    """The levels a sampler evaluates, in order, and where the last step lands.
+
+    ``levels[i]`` steps to ``levels[i+1]``; the last level steps to ``end`` (the handoff level
+    for the server half, -1 for the client half).
+    """
+
+    levels: np.ndarray
+    end: int
+
+    def __post_init__(self) -> None:
+        lv = np.asarray(self.levels, dtype=np.int64)
+        if lv.ndim != 1 or (lv.size > 1 and np.any(np.diff(lv) >= 0)):
+            raise ScheduleError("timetable levels must be strictly decreasing")
+        if lv.size and lv[-1] <= self.end:
+            raise ScheduleError(f"timetable must end above its target level {self.end}")
+        object.__setattr__(self, "levels", lv)
+
+    def pairs(self) -> list[tuple[int, int]]:
+        nxt = list(self.levels[1:]) + [self.end]
+        return [(int(a), int(b)) for a, b in zip(self.levels, nxt)]
+
+    def __len__(self) -> int:
+        return int(self.levels.size)
+
+
+def server_timetable(T: int, k: int, steps: int | None = None) -> Timetable:
+    """Levels T-1 … k (``steps`` of them, both ends always included), ending at the handoff k-1."""
+    return Timetable(_spaced(T - 1, k, steps), end=k - 1)
+
+
+def client_timetable(k: int, steps: int | None = None) -> Timetable:
+    """Levels k-1 … 0 (``steps`` of them, both ends always included), ending at the clean image."""
+    return Timetable(_spaced(k - 1, 0, steps), end=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# reverse steps
+
+
+def predict_x0(schedule: Schedule, x: Any, eps: Any, t: Any) -> Any:
+    """x̂0 = (x_t - sqrt(1-ᾱ_t)·ε̂) / sqrt(ᾱ_t), clipped when the schedule says so."""
+    lv = _as_levels(t, x.shape[0], "t")
+    ab = schedule.alpha_bar(lv)
+    x0 = (x - _coef(np.sqrt(1 - ab), x) * eps) * _coef(1 / np.sqrt(ab), x)
+    if schedule.clip_sample:
+        r = schedule.clip_sample_range
+        x0 = x0.clip(-r, r)
+    return x0
+
+
+def ddpm_step(
+    schedule: Schedule, x: Any, eps: Any, t: Any, prev_t: Any, noise: Any | None
+) -> Any:
+    """One ancestral DDPM step from level ``t`` to ``prev_t`` (``fixed_small`` variance).
+
+    ``x``, ``eps``, ``noise``: ``[B, C, H, W]``; ``t``, ``prev_t``: int or ``[B]``. Rows with
+    ``t == 0`` add no noise (``noise`` may be None only if every row has t == 0).
+    Matches ``diffusers.DDPMScheduler.step`` for the same noise.
+    """
+    B = x.shape[0]
+    lv = _as_levels(t, B, "t")
+    pv = _as_levels(prev_t, B, "prev_t")
+    if np.any(pv >= lv):
+        raise ScheduleError("prev_t must be below t on every row")
+    ab_t = schedule.alpha_bar(lv)
+    ab_p = schedule.alpha_bar(pv)
+    alpha_t = ab_t / ab_p
+    beta_t = 1 - alpha_t
+    x0 = predict_x0(schedule, x, eps, lv)
+    c_x0 = np.sqrt(ab_p) * beta_t / (1 - ab_t)
+    c_x = np.sqrt(alpha_t) * (1 - ab_p) / (1 - ab_t)
+    out = _coef(c_x0, x) * x0 + _coef(c_x, x) * x
+    sigma = np.where(lv > 0, np.sqrt(np.maximum((1 - ab_p) / (1 - ab_t) * beta_t, 1e-20)), 0.0)
+    if np.any(sigma > 0):
+        if noise is None:
+            raise ScheduleError("ddpm_step needs noise for rows with t > 0")
+        out = out + _coef(sigma, x) * noise
+    return out
+
+
+def ddim_step(
+    schedule: Schedule,
+    x: Any,
+    eps: Any,
+    t: Any,
+    prev_t: Any,
+    noise: Any | None = None,
+    eta: float = 0.0,
+) -> Any:
+    """One DDIM step from ``t`` to any lower ``prev_t`` (-1 = clean). Matches
+    ``diffusers.DDIMScheduler.step`` (``set_alpha_to_one=True``, ``use_clipped_model_output=False``).
+    """
+    B = x.shape[0]
+    lv = _as_levels(t, B, "t")
+    pv = _as_levels(prev_t, B, "prev_t")
+    if np.any(pv >= lv):
+        raise ScheduleError("prev_t must be below t on every row")
+    if eta < 0:
+        raise ScheduleError(f"eta must be ≥ 0, got {eta}")
+    ab_t = schedule.alpha_bar(lv)
+    ab_p = schedule.alpha_bar(pv)
+    x0 = predict_x0(schedule, x, eps, lv)
+    var = (1 - ab_p) / (1 - ab_t) * (1 - ab_t / ab_p)
+    sigma = eta * np.sqrt(var)
+    dir_coef = np.sqrt(np.maximum(1 - ab_p - sigma**2, 0.0))
+    out = _coef(np.sqrt(ab_p), x) * x0 + _coef(dir_coef, x) * eps
+    if eta > 0 and np.any(sigma > 0):
+        if noise is None:
+            raise ScheduleError("ddim_step with eta > 0 needs noise")
+        out = out + _coef(sigma, x) * noise
+    return out
+
+
+def step(
+    sampler: str,
+    schedule: Schedule,
+    x: Any,
+    eps: Any,
+    t: Any,
+    prev_t: Any,
+    noise: Any | None,
+    eta: float = 0.0,
+) -> Any:
+    """Dispatch to :func:`ddpm_step` or :func:`ddim_step` by name."""
+    if sampler == "ddpm":
+        return ddpm_step(schedule, x, eps, t, prev_t, noise)
+    if sampler == "ddim":
+        return ddim_step(schedule, x, eps, t, prev_t, noise, eta)
+    raise ScheduleError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+
+
+def needs_noise(sampler: str, t: int, eta: float = 0.0) -> bool:
+    """Whether the step at level ``t`` consumes a noise draw."""
+    if sampler == "ddpm":
+        return t > 0
+    return eta > 0
+
+
+def levels_for(timetables: Sequence[Timetable]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for tt in timetables:
+        out.extend(tt.pairs())
+    return out
