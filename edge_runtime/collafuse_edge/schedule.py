@@ -233,7 +233,11 @@ def handoff_level(cut_ratio: float, T: int) -> int:
 
 
 def _spaced(start: int, stop: int, steps: int | None) -> np.ndarray:
-    """Descending levels from ``start`` to ``stop`` inclusive; ``steps`` of them evenly spaced."""
+    """Descending levels from ``start`` towards ``stop``; ``steps`` of them evenly spaced.
+
+    ``start`` is always first (a sampler must begin at the level its sample is at); with
+    ``steps ≥ 2`` ``stop`` is included too.
+    """
     if start < stop:
         return np.zeros(0, dtype=np.int64)
     full = start - stop + 1
@@ -275,12 +279,14 @@ class Timetable:
 
 
 def server_timetable(T: int, k: int, steps: int | None = None) -> Timetable:
-    """Levels T-1 … k (``steps`` of them, both ends always included), ending at the handoff k-1."""
+    """Levels T-1 … k (``steps`` of them, T-1 always first), the last step landing exactly on
+    the handoff level k-1."""
     return Timetable(_spaced(T - 1, k, steps), end=k - 1)
 
 
 def client_timetable(k: int, steps: int | None = None) -> Timetable:
-    """Levels k-1 … 0 (``steps`` of them, both ends always included), ending at the clean image."""
+    """Levels k-1 … 0 (``steps`` of them, the handoff level k-1 always first), ending at the
+    clean image."""
     return Timetable(_spaced(k - 1, 0, steps), end=-1)
 
 

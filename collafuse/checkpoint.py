@@ -1,0 +1,323 @@
+"""Run directories and checkpoints: JSON + safetensors only, written atomically.
+
+Layout::
+
+    RUN/config.json                       RunConfig
+    RUN/data.json                         dataset facts (classes, channels, name)
+    RUN/LATEST                            name of the newest complete checkpoint
+    RUN/checkpoints/step_000500/
+        state.json                        step, per-file sha256, optimiser hyper-params, EMA scalars
+        server.safetensors                EMA weights (what sampling/export use)
+        server.raw.safetensors            raw weights (for resuming)
+        server.optim.safetensors          AdamW state tensors
+        client_0.safetensors …            likewise per client
+        rng.safetensors                   the training generator's state
+    RUN/metrics.jsonl                     one JSON object per logged step
+
+A checkpoint is written into ``step_N.tmp`` and renamed when complete, then ``LATEST`` is
+replaced atomically; a crash or a full disk leaves the previous checkpoint intact.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from collafuse_edge.schedule import Schedule
+
+from .config import RunConfig, replace
+from .errors import CheckpointError, ConfigError
+from .models import build_unet
+
+CHECKPOINT_FORMAT = 1
+KEEP_CHECKPOINTS = 2
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=d)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: str, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _read_json(path: str, what: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{what} {path!r} is missing") from None
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{what} {path!r} is not valid JSON ({e}); the run directory is damaged") from e
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    name: str
+    num_classes: int
+    channels: int
+    image_size: int
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "num_classes": self.num_classes, "channels": self.channels,
+                "image_size": self.image_size}
+
+
+def model_configs(cfg: RunConfig, info: DataInfo):
+    """The client and server ModelConfigs of a run, completed with data facts."""
+    client = replace(cfg.client_model, channels=info.channels,
+                     num_classes=info.num_classes if cfg.class_conditional else None)
+    server = replace(cfg.server_model, channels=info.channels,
+                     num_classes=info.num_classes if cfg.server_conditioning == "label" else None)
+    return client, server
+
+
+# ---------------------------------------------------------------------------------------------
+# writing
+
+
+def _optim_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = opt.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, Any] = {}
+    for pid, st in sd["state"].items():
+        for name, v in st.items():
+            key = f"{pid}.{name}"
+            if torch.is_tensor(v):
+                tensors[key] = v.detach().cpu().contiguous()
+            else:
+                scalars[key] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _optim_from(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict[str, Any]] = {}
+    for key, v in tensors.items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = v
+    for key, v in meta["scalars"].items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = v
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+@dataclass
+class ModelState:
+    """What a checkpoint stores per model (the trainer hands these over)."""
+
+    name: str  # "server" or "client_i"
+    model: torch.nn.Module  # raw (trained) weights
+    ema: Any  # diffusers EMAModel over model.parameters()
+    optimizer: torch.optim.Optimizer
+
+
+def _ema_state_dict(ms: ModelState) -> dict[str, torch.Tensor]:
+    names = [n for n, _ in ms.model.named_parameters()]
+    return {n: p.detach().cpu().contiguous() for n, p in zip(names, ms.ema.shadow_params)}
+
+
+def save_checkpoint(run_dir: str, step: int, models: list[ModelState], rng_state: torch.Tensor,
+                    extra: dict | None = None) -> str:
+    """Write checkpoint ``step`` atomically and point LATEST at it. Returns its directory."""
+    root = os.path.join(run_dir, "checkpoints")
+    name = f"step_{step:07d}"
+    final = os.path.join(root, name)
+    tmp = final + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    files: dict[str, str] = {}
+    meta: dict[str, Any] = {"format": CHECKPOINT_FORMAT, "step": step, "models": {}, "extra": extra or {}}
+    try:
+        for ms in models:
+            raw = {k: v.detach().cpu().contiguous() for k, v in ms.model.state_dict().items()}
+            save_file(raw, os.path.join(tmp, f"{ms.name}.raw.safetensors"))
+            save_file(_ema_state_dict(ms), os.path.join(tmp, f"{ms.name}.safetensors"))
+            ot, om = _optim_tensors(ms.optimizer)
+            save_file(ot, os.path.join(tmp, f"{ms.name}.optim.safetensors"))
+            ema_scalars = {k: v for k, v in ms.ema.state_dict().items() if k != "shadow_params"}
+            meta["models"][ms.name] = {"optimizer": om, "ema": ema_scalars}
+        save_file({"generator": rng_state.cpu()}, os.path.join(tmp, "rng.safetensors"))
+        for f in sorted(os.listdir(tmp)):
+            files[f] = sha256_file(os.path.join(tmp, f))
+        meta["files"] = files
+        atomic_write_json(os.path.join(tmp, "state.json"), meta)
+        for f in os.listdir(tmp):  # make the file contents durable before the rename
+            with open(os.path.join(tmp, f), "rb") as fh:
+                os.fsync(fh.fileno())
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        atomic_write_bytes(os.path.join(run_dir, "LATEST"), (name + "\n").encode())
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _prune(root, keep=KEEP_CHECKPOINTS, current=name)
+    return final
+
+
+def _prune(root: str, keep: int, current: str) -> None:
+    done = sorted(d for d in os.listdir(root) if d.startswith("step_") and not d.endswith(".tmp"))
+    for d in done[:-keep]:
+        if d != current:
+            shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# reading
+
+
+def read_config(run_dir: str) -> RunConfig:
+    if not os.path.isdir(run_dir):
+        raise CheckpointError(f"run directory {run_dir!r} does not exist; train one with `collafuse train --out DIR`")
+    d = _read_json(os.path.join(run_dir, "config.json"), "run config")
+    try:
+        return RunConfig.from_dict(d)
+    except ConfigError as e:
+        raise CheckpointError(f"run config in {run_dir!r} is invalid: {e}") from e
+
+
+def read_data_info(run_dir: str) -> DataInfo:
+    d = _read_json(os.path.join(run_dir, "data.json"), "data description")
+    try:
+        return DataInfo(str(d["name"]), int(d["num_classes"]), int(d["channels"]), int(d["image_size"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"data.json in {run_dir!r} is malformed: {e}") from e
+
+
+def latest_checkpoint(run_dir: str) -> str | None:
+    p = os.path.join(run_dir, "LATEST")
+    if not os.path.exists(p):
+        return None
+    with open(p, encoding="utf-8") as f:
+        name = f.read().strip()
+    d = os.path.join(run_dir, "checkpoints", name)
+    if not name.startswith("step_") or not os.path.isdir(d):
+        raise CheckpointError(f"{p} points at {name!r}, which is not a checkpoint in {run_dir!r}")
+    return d
+
+
+def read_state(ckpt_dir: str, verify: bool = True) -> dict:
+    meta = _read_json(os.path.join(ckpt_dir, "state.json"), "checkpoint state")
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"checkpoint {ckpt_dir!r} has format {meta.get('format')!r}; "
+                              f"this collafuse reads format {CHECKPOINT_FORMAT}")
+    if verify:
+        for f, digest in meta.get("files", {}).items():
+            p = os.path.join(ckpt_dir, f)
+            if not os.path.exists(p):
+                raise CheckpointError(f"checkpoint file {p!r} is missing")
+            if sha256_file(p) != digest:
+                raise CheckpointError(f"checkpoint file {p!r} is corrupted (sha256 mismatch); "
+                                      "restore it or resume from an earlier checkpoint")
+    return meta
+
+
+def load_tensors(path: str) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read weights {path!r}: {e}") from e
+
+
+def load_weights(model: torch.nn.Module, path: str) -> None:
+    """Load safetensors into ``model`` after checking every name and shape."""
+    sd = load_tensors(path)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    bad = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+           for k in own if k in sd and sd[k].shape != own[k].shape]
+    if missing or unexpected or bad:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+        if bad:
+            parts.append(f"{len(bad)} with wrong shape (e.g. {bad[0]})")
+        raise CheckpointError(f"weights {path!r} do not match the model config: " + "; ".join(parts))
+    model.load_state_dict(sd)
+
+
+@dataclass
+class LoadedRun:
+    """A trained run ready for sampling/export: EMA weights, eval mode."""
+
+    run_dir: str
+    config: RunConfig
+    data: DataInfo
+    schedule: Schedule
+    server: torch.nn.Module
+    clients: list[torch.nn.Module]
+    step: int
+
+    @property
+    def num_classes(self) -> int:
+        return self.data.num_classes
+
+
+def load_run(run_dir: str, device: str | torch.device = "cpu") -> LoadedRun:
+    cfg = read_config(run_dir)
+    info = read_data_info(run_dir)
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise CheckpointError(f"run {run_dir!r} has no checkpoint yet (no LATEST file); train it first")
+    meta = read_state(ckpt)
+    ccfg, scfg = model_configs(cfg, info)
+    server = build_unet(scfg)
+    load_weights(server, os.path.join(ckpt, "server.safetensors"))
+    clients = []
+    for i in range(cfg.data.num_clients):
+        m = build_unet(ccfg)
+        load_weights(m, os.path.join(ckpt, f"client_{i}.safetensors"))
+        clients.append(m.to(device).eval())
+    return LoadedRun(run_dir, cfg, info, cfg.schedule.build(), server.to(device).eval(), clients, int(meta["step"]))
+
+
+def restore_model_state(ckpt_dir: str, meta: dict, ms: ModelState) -> None:
+    """Load raw weights, EMA shadow and optimiser state of one model for resuming."""
+    load_weights(ms.model, os.path.join(ckpt_dir, f"{ms.name}.raw.safetensors"))
+    ema_sd = load_tensors(os.path.join(ckpt_dir, f"{ms.name}.safetensors"))
+    names = [n for n, _ in ms.model.named_parameters()]
+    if set(ema_sd) != set(names):
+        raise CheckpointError(f"EMA weights of {ms.name} in {ckpt_dir!r} do not match the model")
+    info = meta["models"].get(ms.name)
+    if info is None:
+        raise CheckpointError(f"checkpoint {ckpt_dir!r} has no state for {ms.name}")
+    dev = next(ms.model.parameters()).device
+    ms.ema.load_state_dict({**info["ema"], "shadow_params": [ema_sd[n].to(dev) for n in names]})
+    ot = load_tensors(os.path.join(ckpt_dir, f"{ms.name}.optim.safetensors"))
+    ms.optimizer.load_state_dict(_optim_from({k: v.to(dev) if not k.endswith(".step") else v for k, v in ot.items()},
+                                             info["optimizer"]))
+
+
+def load_rng(ckpt_dir: str) -> torch.Tensor:
+    return load_tensors(os.path.join(ckpt_dir, "rng.safetensors"))["generator"]

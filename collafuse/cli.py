@@ -1,0 +1,182 @@
+"""``collafuse`` command line: thin wrappers that parse flags into config dataclasses and call
+one library function each. Exit codes: 0 ok, 2 bad input (with a one-line message), 1 failure."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Sequence
+
+from collafuse_edge.errors import CollafuseEdgeError
+
+from .config import (PRESETS, DataConfig, ModelConfig, RunConfig, ScheduleConfig, TrainConfig,
+                     client_preset, server_preset)
+from .errors import ConfigError
+
+
+def _model(preset: str, channels_text: str | None, image_size: int) -> ModelConfig:
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown model preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    m = PRESETS[preset](image_size)
+    if channels_text:
+        try:
+            ch = tuple(int(c) for c in channels_text.split(","))
+        except ValueError:
+            raise ConfigError(f"--*-channels must be comma-separated integers like 32,64; got {channels_text!r}") from None
+        blocks = ("plain",) * len(ch)
+        groups = m.norm_num_groups if all(c % m.norm_num_groups == 0 for c in ch) else 8
+        m = ModelConfig(image_size, m.channels, ch, m.layers_per_block, blocks, m.mid_attention, groups)
+    return m
+
+
+def _cut_ratios(text: str, n: int) -> tuple[float, ...]:
+    try:
+        vals = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise ConfigError(f"--cut-ratio must be a number in [0, 1] or one per client, comma-separated; got {text!r}") from None
+    if len(vals) == 1:
+        vals = vals * n
+    return vals
+
+
+def add_run_args(p: argparse.ArgumentParser, steps: int = 3000) -> None:
+    p.add_argument("--data", default="digits", help="'digits' (embedded), a MedMNIST-style .npz, or an image folder")
+    p.add_argument("--image-size", type=int, default=16)
+    p.add_argument("--clients", type=int, default=3, help="number of clients")
+    p.add_argument("--partition", default="by-label", help="iid | by-label | dirichlet:ALPHA")
+    p.add_argument("--cut-ratio", default="0.6", help="share of levels on the client; one value or one per client")
+    p.add_argument("--timesteps", type=int, default=1000)
+    p.add_argument("--beta-schedule", default="linear", help="linear | cosine")
+    p.add_argument("--objective", default="exact", help="exact | double-noise | shared-noise (leaks x0)")
+    p.add_argument("--server-conditioning", default="label", help="label | none")
+    p.add_argument("--unconditional", action="store_true", help="client models ignore labels")
+    p.add_argument("--client-model", default="client", help="preset for client models: " + ", ".join(PRESETS))
+    p.add_argument("--server-model", default="server", help="preset for the server model: " + ", ".join(PRESETS))
+    p.add_argument("--client-channels", default=None, help="override block channels, e.g. 16,32")
+    p.add_argument("--server-channels", default=None, help="override block channels, e.g. 32,64,64")
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--batch-size", type=int, default=64, help="per client")
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--ema-decay", type=float, default=0.999)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--checkpoint-every", type=int, default=500)
+
+
+def run_config_from(args: argparse.Namespace) -> RunConfig:
+    data = DataConfig(args.data, args.image_size, args.clients, args.partition, 0.2, args.seed)
+    return RunConfig(
+        data=data,
+        schedule=ScheduleConfig(args.timesteps, args.beta_schedule),
+        cut_ratios=_cut_ratios(args.cut_ratio, args.clients),
+        client_model=_model(args.client_model, args.client_channels, args.image_size),
+        server_model=_model(args.server_model, args.server_channels, args.image_size),
+        class_conditional=not args.unconditional,
+        server_conditioning=args.server_conditioning,
+        objective=args.objective,
+        train=TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, ema_decay=args.ema_decay,
+                          seed=args.seed, device=args.device,
+                          checkpoint_every=min(args.checkpoint_every, max(args.steps, 1))),
+    )
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import train
+
+    if args.resume:
+        res = train(None, args.out, resume=True, steps=args.steps_given)
+    else:
+        res = train(run_config_from(args), args.out)
+    print(f"trained to step {res.step} in {res.wall_s:.1f} s ({res.steps_per_s:.2f} steps/s); run: {res.run_dir}")
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from collafuse_edge.images import check_output_path, save_images
+
+    from .checkpoint import load_run
+    from .generate import SampleConfig, sample_client, to_numpy
+    from .train import resolve_device
+
+    sc = SampleConfig(n=args.n, sampler=args.sampler, server_steps=args.server_steps,
+                      client_steps=args.client_steps, seed=args.seed)
+    out = check_output_path(args.out)
+    run = load_run(args.run, device=resolve_device(args.device))
+    clients = range(run.config.data.num_clients) if args.client == "all" else [int(args.client)]
+    for c in clients:
+        if not (0 <= c < run.config.data.num_clients):
+            raise ConfigError(f"--client must be 'all' or in [0, {run.config.data.num_clients - 1}], got {c}")
+    import numpy as np
+
+    imgs = [to_numpy(sample_client(run, c, sc, progress=True).images) for c in clients]
+    save_images(out, np.concatenate(imgs))
+    print(f"wrote {sum(len(i) for i in imgs)} images to {out}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import DemoConfig, run_demo
+
+    report = run_demo(DemoConfig(out=args.out, steps=args.steps, seed=args.seed, quick=args.quick))
+    print(f"demo finished in {report['wall_s']:.0f} s; outputs in {os.path.abspath(args.out)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="collafuse", description="Collaborative diffusion by split learning (CollaFuse).")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train server + client models in one process")
+    t.add_argument("--out", required=True, help="run directory")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    add_run_args(t)
+    t.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("sample", help="split-sample images from a trained run")
+    s.add_argument("--run", required=True)
+    s.add_argument("--client", default="all", help="client index or 'all'")
+    s.add_argument("-n", type=int, default=16, help="images per client")
+    s.add_argument("--sampler", default="ddim", help="ddim | ddpm")
+    s.add_argument("--server-steps", type=int, default=40)
+    s.add_argument("--client-steps", type=int, default=20)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--device", default="auto")
+    s.add_argument("--out", required=True, help="output .png (grid) or .npy")
+    s.set_defaults(func=cmd_sample)
+
+    d = sub.add_parser("demo", help="the whole story on the embedded digits")
+    d.add_argument("--out", default="demo-out")
+    d.add_argument("--steps", type=int, default=None, help="training steps (default: sized to ~10 min on 2 cores)")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--quick", action="store_true", help="a tiny smoke run (seconds)")
+    d.set_defaults(func=cmd_demo)
+
+    for mod, fn in (("collafuse.export.cli", "add_export_parser"), ("collafuse.server.cli", "add_serve_parser"),
+                    ("collafuse.metrics.cli", "add_evaluate_parser")):
+        try:
+            module = __import__(mod, fromlist=[fn])
+        except ImportError as e:
+            if mod in str(e) or getattr(e, "name", "") == mod:
+                continue
+            raise
+        getattr(module, fn)(sub)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.steps_given = getattr(args, "steps", None) if "--steps" in argv else None
+    try:
+        return int(args.func(args) or 0)
+    except (CollafuseEdgeError, ValueError) as e:
+        print(f"collafuse {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
