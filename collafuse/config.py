@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from collafuse_edge.errors import ScheduleError
 from collafuse_edge.schedule import BETA_SCHEDULES, Schedule, client_level_count
 
 from .errors import ConfigError
@@ -196,8 +197,11 @@ class RunConfig:
                 f"cut_ratios has {len(self.cut_ratios)} entries but num_clients is "
                 f"{self.data.num_clients}; give one cut ratio per client"
             )
-        for c in self.cut_ratios:
-            client_level_count(c, self.schedule.num_train_timesteps)  # raises on c ∉ [0, 1]
+        for i, c in enumerate(self.cut_ratios):
+            try:
+                client_level_count(c, self.schedule.num_train_timesteps)
+            except ScheduleError as e:
+                raise ConfigError(f"cut_ratios[{i}]: {e}") from None
         _choice("objective", self.objective, OBJECTIVES)
         _choice("exact_weighting", self.exact_weighting, EXACT_WEIGHTINGS)
         _choice("server_conditioning", self.server_conditioning, SERVER_CONDITIONING)

@@ -1,0 +1,150 @@
+"""Split training, checkpoints, resume and bad input (issue 2)."""
+import json
+import os
+
+import pytest
+import torch
+
+from collafuse.checkpoint import latest_checkpoint, load_run, read_state
+from collafuse.cli import main
+from collafuse.config import RunConfig, replace
+from collafuse.errors import CheckpointError, ConfigError
+from collafuse.train import train
+
+from tiny_runs import tiny_run_config
+
+
+def _weights(run_dir):
+    run = load_run(run_dir)
+    return [dict(m.state_dict()) for m in [run.server, *run.clients]]
+
+
+def test_train_writes_run_and_logs(tmp_path):
+    res = train(tiny_run_config(steps=4), str(tmp_path / "r"), progress=False)
+    assert res.step == 4
+    lines = [json.loads(x) for x in open(tmp_path / "r" / "metrics.jsonl")]
+    assert [x["step"] for x in lines] == [1, 2, 3, 4]
+    assert {"client_0_loss", "client_1_loss", "client_2_loss", "server_loss"} <= set(lines[-1])
+    run = load_run(str(tmp_path / "r"))
+    assert run.step == 4 and len(run.clients) == 3
+    assert RunConfig.from_dict(run.config.to_dict()) == run.config  # config round trip
+
+
+def test_resume_is_bit_for_bit(tmp_path):
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    train(tiny_run_config(steps=4), full, progress=False)
+    train(tiny_run_config(steps=4), part, progress=False)  # same, then continue from step 2
+    # cut the second run back to its step-2 checkpoint
+    ckpts = sorted(os.listdir(os.path.join(part, "checkpoints")))
+    assert ckpts == ["step_0000002", "step_0000004"]
+    import shutil
+
+    shutil.rmtree(os.path.join(part, "checkpoints", "step_0000004"))
+    with open(os.path.join(part, "LATEST"), "w") as f:
+        f.write("step_0000002\n")
+    res = train(None, part, resume=True, progress=False)
+    assert res.step == 4
+    for a, b in zip(_weights(full), _weights(part)):
+        for k in a:
+            assert torch.equal(a[k], b[k]), k
+    lines = [json.loads(x)["step"] for x in open(os.path.join(part, "metrics.jsonl"))]
+    assert lines == [1, 2, 3, 4]  # no duplicated log lines after resume
+
+
+def test_resume_can_extend_steps(tmp_path):
+    d = str(tmp_path / "r")
+    train(tiny_run_config(steps=2), d, progress=False)
+    assert train(None, d, resume=True, steps=4, progress=False).step == 4
+
+
+def test_corrupted_checkpoint_is_refused(tmp_path):
+    d = str(tmp_path / "r")
+    train(tiny_run_config(steps=2), d, progress=False)
+    ck = latest_checkpoint(d)
+    p = os.path.join(ck, "client_1.safetensors")
+    data = bytearray(open(p, "rb").read())
+    data[-5] ^= 0xFF
+    open(p, "wb").write(bytes(data))
+    with pytest.raises(CheckpointError, match="corrupted"):
+        load_run(d)
+
+
+def test_mismatched_checkpoint_is_refused(tmp_path):
+    d = str(tmp_path / "r")
+    train(tiny_run_config(steps=2), d, progress=False)
+    cfg = json.load(open(os.path.join(d, "config.json")))
+    cfg["client_model"]["block_out_channels"] = [16, 32]
+    cfg["client_model"]["norm_num_groups"] = 8
+    json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
+    with pytest.raises(CheckpointError, match="do not match the model config"):
+        load_run(d)
+
+
+def test_atomic_checkpoint_keeps_previous_on_failure(tmp_path, monkeypatch):
+    d = str(tmp_path / "r")
+    train(tiny_run_config(steps=2), d, progress=False)
+    before = latest_checkpoint(d)
+    import collafuse.checkpoint as ck
+
+    def boom(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ck, "save_file", boom)
+    with pytest.raises(OSError):
+        train(None, d, resume=True, steps=4, progress=False)
+    assert latest_checkpoint(d) == before
+    read_state(before)  # still intact and verified
+    assert not [x for x in os.listdir(os.path.join(d, "checkpoints")) if x.endswith(".tmp")]
+
+
+def test_existing_run_is_not_overwritten(tmp_path):
+    d = str(tmp_path / "r")
+    train(tiny_run_config(steps=1, checkpoint_every=1), d, progress=False)
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train(tiny_run_config(steps=1), d, progress=False)
+
+
+@pytest.mark.parametrize("c", [-0.1, 1.5, float("nan")])
+def test_bad_cut_ratio(c):
+    with pytest.raises(ConfigError, match="cut ratio"):
+        tiny_run_config(cut_ratios=(c, 0.5, 0.5))
+
+
+def test_bad_objective_and_partition():
+    with pytest.raises(ConfigError, match="objective must be one of"):
+        tiny_run_config(objective="magic")
+    from collafuse.config import DataConfig
+
+    with pytest.raises(ConfigError, match="unknown partition scheme"):
+        DataConfig(partition="by-colour")
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["train", "--out", "X", "--cut-ratio", "1.7"], "cut ratio must lie in"),
+    (["train", "--out", "X", "--partition", "zipf"], "unknown partition scheme"),
+    (["train", "--out", "X", "--data", "/no/such/file.npz"], "does not exist"),
+    (["sample", "--run", "/no/such/run", "--out", "x.png"], "does not exist"),
+    (["train", "--out", "X", "--cut-ratio", "0.5,0.5"], "one cut ratio per client"),
+])
+def test_cli_bad_input_one_clear_error(argv, msg, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert msg in err and err.count("\n") == 1  # one line, no traceback
+
+
+def test_cli_train_and_sample(tmp_path, capsys):
+    d = tmp_path / "run"
+    assert main(["train", "--out", str(d), "--timesteps", "50", "--steps", "2", "--batch-size", "4",
+                 "--client-model", "tiny", "--server-model", "tiny", "--device", "cpu"]) == 0
+    out = tmp_path / "s.png"
+    assert main(["sample", "--run", str(d), "-n", "3", "--server-steps", "4", "--client-steps", "3",
+                 "--device", "cpu", "--out", str(out)]) == 0
+    assert out.stat().st_size > 0
+    npy = tmp_path / "s.npy"
+    assert main(["sample", "--run", str(d), "--client", "1", "-n", "2", "--sampler", "ddpm", "--device", "cpu",
+                 "--out", str(npy)]) == 0
+    import numpy as np
+
+    x = np.load(npy)
+    assert x.shape == (2, 1, 16, 16) and np.all(np.abs(x) <= 1.0 + 1e-6)
