@@ -39,6 +39,42 @@ from .models import build_unet, denoise
 from .objectives import SHARED_NOISE_WARNING, client_loss, disclose, server_batch, server_loss
 
 
+def apply_update(ms: ModelState, loss: torch.Tensor, grad_clip: float) -> float:
+    """backward → clip → AdamW step → EMA step. Returns the gradient norm before clipping."""
+    ms.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    gn = torch.nn.utils.clip_grad_norm_(ms.model.parameters(), grad_clip)
+    ms.optimizer.step()
+    ms.ema.step(ms.model.parameters())
+    return float(gn)
+
+
+def server_update(ms: ModelState, disclosures: list, schedule, cfg: RunConfig, gen: torch.Generator,
+                  device, autocast=None) -> float | None:
+    """One server optimisation step from client disclosures — the same code in the in-process
+    simulation and in the networked server (:mod:`collafuse.server_training`)."""
+    batch = server_batch(disclosures, schedule, cfg.objective, gen, cfg.exact_weighting)
+    if batch is None:
+        return None
+    ctx = autocast if autocast is not None else nullcontext()
+
+    def eps_fn(x, t, labels):
+        with ctx:
+            return denoise(ms.model, x, t, labels)
+
+    loss = server_loss(eps_fn, batch, device)
+    apply_update(ms, loss, cfg.train.grad_clip)
+    return loss.item()
+
+
+def new_model_state(name: str, mcfg, tcfg, device) -> ModelState:
+    model = build_unet(mcfg).to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+    ema = EMAModel(model.parameters(), decay=tcfg.ema_decay)
+    ema.to(device)
+    return ModelState(name, model, ema, opt)
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -84,12 +120,7 @@ class SplitTrainer:
         self._y = [torch.from_numpy(c.train_labels) for c in self.clients_data]
 
     def _state(self, name: str, mcfg) -> ModelState:
-        model = build_unet(mcfg).to(self.device).train()
-        t = self.cfg.train
-        opt = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
-        ema = EMAModel(model.parameters(), decay=t.ema_decay)
-        ema.to(self.device)
-        return ModelState(name, model, ema, opt)
+        return new_model_state(name, mcfg, self.cfg.train, self.device)
 
     @property
     def server(self) -> ModelState:
@@ -107,12 +138,7 @@ class SplitTrainer:
         return fn
 
     def _update(self, ms: ModelState, loss: torch.Tensor) -> float:
-        ms.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        gn = torch.nn.utils.clip_grad_norm_(ms.model.parameters(), self.cfg.train.grad_clip)
-        ms.optimizer.step()
-        ms.ema.step(ms.model.parameters())
-        return float(gn)
+        return apply_update(ms, loss, self.cfg.train.grad_clip)
 
     def train_step(self) -> dict:
         cfg, T = self.cfg, self.schedule.T
@@ -132,11 +158,9 @@ class SplitTrainer:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the shared-noise warning is given once per run
                 disclosures.append(disclose(i, x0, y, k, self.schedule, cfg.objective, self.gen, share))
-        batch = server_batch(disclosures, self.schedule, cfg.objective, self.gen, cfg.exact_weighting)
-        if batch is not None:
-            loss = server_loss(self._eps_fn(self.server.model), batch, self.device)
-            self._update(self.server, loss)
-            logs["server_loss"] = loss.item()
+        loss = server_update(self.server, disclosures, self.schedule, cfg, self.gen, self.device, self.autocast)
+        if loss is not None:
+            logs["server_loss"] = loss
         self.step += 1
         return logs
 

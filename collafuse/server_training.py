@@ -1,0 +1,173 @@
+"""The networked server's trainer: trains the shared model from spooled client disclosures.
+
+A background thread takes batches from the :class:`~collafuse.spool.DisclosureSpool`, runs the
+same :func:`collafuse.train.server_update` as the in-process simulation, checkpoints atomically
+every ``checkpoint_every`` updates into ``RUN/server_training/`` (recording the batch keys it
+trained), and only then forgets those batches. ``on_weights(state_dict, version)`` receives a CPU
+copy of the EMA weights after every checkpoint so inference can swap models between steps.
+
+Guarantee: a batch acknowledged by ``POST /v1/train`` is trained exactly once, across crashes
+and restarts (see :mod:`collafuse.spool`).
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .checkpoint import (latest_checkpoint, load_rng, load_tensors, model_configs, read_config, read_data_info,
+                         read_state, restore_model_state, save_checkpoint)
+from .objectives import Disclosure
+from .spool import DisclosureSpool, SpooledBatch
+from .train import new_model_state, resolve_device, server_update
+
+WeightsCallback = Callable[[dict, int], None]
+
+
+@dataclass(frozen=True)
+class ServerTrainingConfig:
+    batch_rows: int = 256  # rows per server update (batches are mixed across clients)
+    checkpoint_every: int = 50  # updates between checkpoints (and weight publications)
+    max_pending_batches: int = 1024
+    max_pending_bytes: int = 512 * 2**20
+    device: str = "auto"
+    seed: int = 0
+
+
+class ServerTrainer:
+    def __init__(self, run_dir: str, tc: ServerTrainingConfig = ServerTrainingConfig(),
+                 on_weights: WeightsCallback | None = None):
+        self.run_dir = run_dir
+        self.cfg = read_config(run_dir)
+        self.info = read_data_info(run_dir)
+        self.tc = tc
+        self.schedule = self.cfg.schedule.build()
+        self.device = resolve_device(tc.device)
+        self.state_dir = os.path.join(run_dir, "server_training")
+        os.makedirs(self.state_dir, exist_ok=True)
+        _, scfg = model_configs(self.cfg, self.info)
+        torch.manual_seed(tc.seed)
+        self.ms = new_model_state("server", scfg, self.cfg.train, self.device)
+        self.gen = torch.Generator().manual_seed(tc.seed)
+        self.step = 0
+        self.trained: set[str] = set()
+        ckpt = latest_checkpoint(self.state_dir)
+        if ckpt is not None:  # resume the networked trainer
+            meta = read_state(ckpt)
+            restore_model_state(ckpt, meta, self.ms)
+            self.gen.set_state(load_rng(ckpt))
+            self.step = int(meta["step"])
+            self.trained = set(meta["extra"].get("trained", []))
+        else:  # start from the run's own server model (raw weights + EMA + optimiser)
+            run_ckpt = latest_checkpoint(run_dir)
+            if run_ckpt is not None:
+                restore_model_state(run_ckpt, read_state(run_ckpt), self.ms)
+        self.spool = DisclosureSpool(os.path.join(self.state_dir, "spool"), tc.max_pending_batches,
+                                     tc.max_pending_bytes, done=self.trained)
+        self.on_weights = on_weights
+        self.losses: list[float] = []
+        self.trained_rows = 0
+        self._since_ckpt: list[SpooledBatch] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    @property
+    def version(self) -> int:
+        return self.step
+
+    def _disclosures(self, batches: list[SpooledBatch]) -> list[Disclosure]:
+        out = []
+        for b in batches:
+            x = torch.from_numpy(self.spool.load(b))
+            lab = torch.tensor(b.labels, dtype=torch.long) if b.labels is not None else None
+            out.append(Disclosure(b.client, b.level, x, lab))
+        return out
+
+    def train_batches(self, batches: list[SpooledBatch]) -> float | None:
+        loss = server_update(self.ms, self._disclosures(batches), self.schedule, self.cfg, self.gen, self.device)
+        self.step += 1
+        self.trained.update(b.key for b in batches)
+        self.trained_rows += sum(b.rows for b in batches)
+        self._since_ckpt.extend(batches)
+        if loss is not None:
+            self.losses.append(loss)
+        if self.step % self.tc.checkpoint_every == 0:
+            self.checkpoint()
+        return loss
+
+    def checkpoint(self) -> None:
+        if not self._since_ckpt and latest_checkpoint(self.state_dir) is not None:
+            return
+        save_checkpoint(self.state_dir, self.step, [self.ms], self.gen.get_state(),
+                        extra={"trained": sorted(self.trained), "trained_rows": self.trained_rows})
+        self.spool.forget(self._since_ckpt)  # only now: the checkpoint that trained them is durable
+        self._since_ckpt = []
+        if self.on_weights is not None:
+            self.on_weights(self.ema_state_dict(), self.step)
+
+    def ema_state_dict(self) -> dict:
+        names = [n for n, _ in self.ms.model.named_parameters()]
+        sd = {k: v.detach().cpu().clone() for k, v in self.ms.model.state_dict().items()}
+        for n, p in zip(names, self.ms.ema.shadow_params):
+            sd[n] = p.detach().cpu().clone()
+        return sd
+
+    # -- background thread ------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        try:
+            while not self._stop.is_set():
+                batches = self.spool.take(self.tc.batch_rows, timeout=0.2)
+                if batches:
+                    self.train_batches(batches)
+        except BaseException as e:  # surfaced through /readyz and the logs
+            self.error = e
+            raise
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="collafuse-server-trainer", daemon=True)
+        self._thread.start()
+
+    def stop(self, checkpoint: bool = True) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        if checkpoint and self._since_ckpt:
+            self.checkpoint()
+
+    def progress(self) -> dict:
+        return {"step": self.step, "trained_batches": len(self.trained), "trained_rows": self.trained_rows,
+                "pending_batches": len(self.spool), "last_loss": self.losses[-1] if self.losses else None,
+                "running": bool(self._thread and self._thread.is_alive()),
+                "error": None if self.error is None else type(self.error).__name__}
+
+
+def load_server_training_weights(run_dir: str) -> tuple[dict, int] | None:
+    """The networked trainer's latest EMA server weights and version, if it has checkpointed."""
+    state_dir = os.path.join(run_dir, "server_training")
+    ckpt = latest_checkpoint(state_dir) if os.path.isdir(state_dir) else None
+    if ckpt is None:
+        return None
+    meta = read_state(ckpt)
+    ema = load_tensors(os.path.join(ckpt, "server.safetensors"))
+    raw = load_tensors(os.path.join(ckpt, "server.raw.safetensors"))
+    raw.update(ema)
+    return raw, int(meta["step"])
+
+
+def wait_until(cond: Callable[[], bool], timeout: float, poll: float = 0.05) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return True
+        time.sleep(poll)
+    return cond()
+
+
+__all__ = ["ServerTrainer", "ServerTrainingConfig", "load_server_training_weights", "np"]
