@@ -122,6 +122,29 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_client_train(args: argparse.Namespace) -> int:
+    from .client_train import ClientTrainConfig, ClientTrainer
+
+    token = args.token or os.environ.get("COLLAFUSE_TOKEN", "")
+    cc = ClientTrainConfig(
+        out=args.out, server=args.server, token=token,
+        data=DataConfig(args.data, args.image_size, args.clients, args.partition, 0.2, args.seed),
+        client_index=args.client_index,
+        model=_model(args.client_model, args.client_channels, args.image_size),
+        train=TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device,
+                          log_every=10, checkpoint_every=min(args.checkpoint_every, args.steps)),
+        upload_every=args.upload_every, upload_batch=args.upload_batch,
+    )
+    tr = ClientTrainer(cc)
+    try:
+        res = tr.run(progress=True)
+    finally:
+        tr.close()
+    print(f"client trained to step {res['step']}; uploaded {res['uploaded']} disclosure batches "
+          f"({res['bytes_sent']} bytes, x_h only); run: {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="collafuse", description="Collaborative diffusion by split learning (CollaFuse).")
     sub = p.add_subparsers(dest="command", required=True)
@@ -150,6 +173,27 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--quick", action="store_true", help="a tiny smoke run (seconds)")
     d.set_defaults(func=cmd_demo)
+
+    ct = sub.add_parser("client-train", help="a client's side of networked training: local model + x_h uploads")
+    ct.add_argument("--server", required=True, help="server base URL, e.g. https://host:8443")
+    ct.add_argument("--token", default=None, help="bearer token (default: $COLLAFUSE_TOKEN)")
+    ct.add_argument("--out", required=True, help="the client's own run directory (resumable)")
+    ct.add_argument("--data", default="digits")
+    ct.add_argument("--image-size", type=int, default=16)
+    ct.add_argument("--clients", type=int, default=1, help="simulate a site: partition --data into this many shares")
+    ct.add_argument("--client-index", type=int, default=0, help="which share is this client's")
+    ct.add_argument("--partition", default="iid")
+    ct.add_argument("--client-model", default="client")
+    ct.add_argument("--client-channels", default=None)
+    ct.add_argument("--steps", type=int, default=3000)
+    ct.add_argument("--batch-size", type=int, default=64)
+    ct.add_argument("--lr", type=float, default=2e-4)
+    ct.add_argument("--seed", type=int, default=0)
+    ct.add_argument("--device", default="auto")
+    ct.add_argument("--checkpoint-every", type=int, default=200)
+    ct.add_argument("--upload-every", type=int, default=1, help="upload a disclosure batch every N steps")
+    ct.add_argument("--upload-batch", type=int, default=64, help="rows per uploaded batch")
+    ct.set_defaults(func=cmd_client_train)
 
     for mod, fn in (("collafuse.export.cli", "add_export_parser"), ("collafuse.server.cli", "add_serve_parser"),
                     ("collafuse.metrics.cli", "add_evaluate_parser")):

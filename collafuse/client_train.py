@@ -1,0 +1,198 @@
+"""A client's side of networked training: train the private low-noise model on local data and
+upload only disclosures (x_h at the handoff level the server assigned to this token).
+
+    collafuse client-train --data digits --client-index 0 --server https://host:8443 --token … --out client0/
+
+x0 and the noise that produced x_h never leave this process: the only thing sent is the output
+of :func:`collafuse.objectives.disclose` (x_h, and labels when the server shares them), as
+``.npy`` bytes. Resumable: the client model, optimiser, EMA and generator are checkpointed every
+``checkpoint_every`` steps; batch ids are ``<step>`` so an upload repeated after a crash is
+recognised by the server (409 ``duplicate_batch``) and not trained twice.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from dataclasses import dataclass
+from typing import Awaitable, Callable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from collafuse_edge.errors import ServerError
+from collafuse_edge.protocol import H_BATCH_ID, H_LABELS, H_LEVEL, NPY_CONTENT_TYPE, encode_tensor
+
+from .checkpoint import (atomic_write_json, latest_checkpoint, load_rng, read_state, restore_model_state,
+                         save_checkpoint)
+from .config import ConfigError, ModelConfig, TrainConfig, client_preset, replace
+from .data import load_dataset, partition
+from .config import DataConfig
+from .objectives import client_loss, disclose
+from .train import apply_update, new_model_state, resolve_device
+from .models import denoise
+
+# (method, path, headers, body) -> (status, json document)
+Transport = Callable[[str, str, dict, bytes | None], Awaitable[tuple[int, dict]]]
+
+
+@dataclass(frozen=True)
+class ClientTrainConfig:
+    out: str
+    server: str
+    token: str
+    data: DataConfig = DataConfig()
+    client_index: int = 0  # which share of a partitioned dataset is "ours" (simulating a site)
+    model: ModelConfig = client_preset()
+    train: TrainConfig = TrainConfig()
+    upload_every: int = 1  # upload one disclosure batch every N local steps
+    upload_batch: int = 64  # rows per uploaded batch
+    timeout_s: float = 30.0
+    retries: int = 5
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.client_index < self.data.num_clients):
+            raise ConfigError(f"client_index must be in [0, {self.data.num_clients - 1}], got {self.client_index}")
+        if self.upload_every < 1 or self.upload_batch < 1:
+            raise ConfigError("upload_every and upload_batch must be positive")
+        if not self.token:
+            raise ConfigError("a bearer token is required: pass --token or set COLLAFUSE_TOKEN")
+
+
+def aiohttp_transport(base_url: str, token: str, timeout_s: float, retries: int) -> Transport:
+    """POST/GET with bearer auth; retries with backoff on connection errors, 5xx and 429."""
+    import aiohttp
+
+    async def call(method: str, path: str, headers: dict, body: bytes | None) -> tuple[int, dict]:
+        hdrs = {"Authorization": f"Bearer {token}", **headers}
+        delay = 0.2
+        last: Exception | None = None
+        for attempt in range(retries + 1):
+            try:
+                async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as s:
+                    async with s.request(method, base_url.rstrip("/") + path, headers=hdrs, data=body) as r:
+                        try:
+                            doc = await r.json(content_type=None)
+                        except (ValueError, aiohttp.ContentTypeError):
+                            doc = {}
+                        if r.status == 429 or r.status >= 500:
+                            last = ServerError(f"{method} {path}: HTTP {r.status}", r.status)
+                        else:
+                            return r.status, doc
+            except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as e:
+                last = e
+            if attempt < retries:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        raise ServerError(f"{method} {path} failed after {retries + 1} attempts: {last}")
+
+    return call
+
+
+def _error_text(doc: dict) -> str:
+    err = doc.get("error", {}) if isinstance(doc, dict) else {}
+    return f"{err.get('code', 'error')}: {err.get('message', doc)}"
+
+
+class ClientTrainer:
+    def __init__(self, cc: ClientTrainConfig, transport: Transport | None = None):
+        self.cc = cc
+        self.transport = transport or aiohttp_transport(cc.server, cc.token, cc.timeout_s, cc.retries)
+        self.loop = asyncio.new_event_loop()
+        info_status, info = self._call("GET", "/v1/info", {}, None)
+        if info_status != 200:
+            raise ServerError(f"GET /v1/info: HTTP {info_status} ({_error_text(info)})", info_status)
+        self.info = info
+        from collafuse_edge.schedule import Schedule
+
+        self.schedule = Schedule.from_dict(info["schedule"])
+        you = info["you"]
+        self.k = int(you["client_levels"])
+        self.level = int(you["handoff_level"])
+        self.share_labels = info.get("server_conditioning") == "label"
+        ds = load_dataset(cc.data.source, cc.data.image_size)
+        mine = partition(ds, cc.data)[cc.client_index]
+        self.x = torch.from_numpy(mine.train_images)
+        self.y = torch.from_numpy(mine.train_labels)
+        self.device = resolve_device(cc.train.device)
+        mcfg = replace(cc.model, channels=ds.channels, num_classes=ds.num_classes)
+        torch.manual_seed(cc.train.seed)
+        self.ms = new_model_state("client", mcfg, cc.train, self.device)
+        self.gen = torch.Generator().manual_seed(cc.train.seed)
+        self.step = 0
+        self.uploaded = 0
+        self.duplicates = 0
+        self.bytes_sent = 0
+        os.makedirs(cc.out, exist_ok=True)
+        ck = latest_checkpoint(cc.out)
+        if ck is not None:
+            meta = read_state(ck)
+            restore_model_state(ck, meta, self.ms)
+            self.gen.set_state(load_rng(ck))
+            self.step = int(meta["step"])
+            self.uploaded = int(meta["extra"].get("uploaded", 0))
+        atomic_write_json(os.path.join(cc.out, "client.json"),
+                          {"model": mcfg.__dict__ | {"block_out_channels": list(mcfg.block_out_channels),
+                                                     "blocks": list(mcfg.blocks)},
+                           "handoff_level": self.level, "client_levels": self.k, "server": cc.server,
+                           "schedule": info["schedule"] | {"betas": "…"}})
+
+    def _call(self, method, path, headers, body):
+        return self.loop.run_until_complete(self.transport(method, path, headers, body))
+
+    def upload(self, x_h: torch.Tensor, labels: torch.Tensor | None, batch_id: str) -> bool:
+        """Send one disclosure batch; True if newly accepted, False if the server had it already."""
+        body = encode_tensor(x_h.numpy().astype(np.float32))
+        headers = {"Content-Type": NPY_CONTENT_TYPE, H_BATCH_ID: batch_id, H_LEVEL: str(self.level)}
+        if labels is not None:
+            headers[H_LABELS] = ",".join(str(int(v)) for v in labels)
+        status, doc = self._call("POST", "/v1/train", headers, body)
+        self.bytes_sent += len(body)
+        if status == 200:
+            return True
+        if status == 409 and doc.get("error", {}).get("code") == "duplicate_batch":
+            return False
+        raise ServerError(f"upload of batch {batch_id} refused: HTTP {status} ({_error_text(doc)})", status)
+
+    def train_step(self) -> dict:
+        cc = self.cc
+        logs: dict = {"step": self.step + 1}
+        idx = torch.randint(len(self.y), (cc.train.batch_size,), generator=self.gen)
+        x0, y = self.x[idx], self.y[idx]
+        if self.k > 0:
+            def eps_fn(x, t, lab):
+                return denoise(self.ms.model, x, t, lab)
+
+            loss = client_loss(eps_fn, x0, y, self.k, self.schedule, self.gen, self.device)
+            apply_update(self.ms, loss, cc.train.grad_clip)
+            logs["client_loss"] = loss.item()
+        if (self.step + 1) % cc.upload_every == 0 and self.k < self.schedule.T:
+            uidx = torch.randint(len(self.y), (cc.upload_batch,), generator=self.gen)
+            d = disclose(0, self.x[uidx], self.y[uidx], self.k, self.schedule, "exact", self.gen, self.share_labels)
+            new = self.upload(d.x, d.labels, f"step-{self.step + 1}")
+            self.uploaded += 1
+            self.duplicates += 0 if new else 1
+        self.step += 1
+        return logs
+
+    def save(self) -> None:
+        save_checkpoint(self.cc.out, self.step, [self.ms], self.gen.get_state(), extra={"uploaded": self.uploaded})
+
+    def run(self, progress: bool = True) -> dict:
+        t = self.cc.train
+        t0 = time.perf_counter()
+        logs: dict = {}
+        with open(os.path.join(self.cc.out, "metrics.jsonl"), "a", encoding="utf-8") as mf:
+            for _ in tqdm(range(self.step, t.steps), desc="client-train", disable=not progress):
+                logs = self.train_step()
+                if self.step % t.log_every == 0:
+                    mf.write(json.dumps(logs) + "\n")
+                if self.step % t.checkpoint_every == 0 or self.step == t.steps:
+                    self.save()
+        return {"step": self.step, "uploaded": self.uploaded, "duplicates": self.duplicates,
+                "bytes_sent": self.bytes_sent, "wall_s": time.perf_counter() - t0, "last": logs}
+
+    def close(self) -> None:
+        self.loop.close()
