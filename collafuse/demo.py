@@ -87,9 +87,9 @@ def run_demo(dc: DemoConfig) -> dict:
         import shutil
 
         shutil.rmtree(run_dir)
-    print(f"[1/3] training 3 clients + server on the digits ({cfg.train.steps} steps) → {run_dir}")
+    print(f"[1/4] training 3 clients + server on the digits ({cfg.train.steps} steps) → {run_dir}")
     res = train(cfg, run_dir)
-    print("[2/3] split sampling (server levels 999…600, client levels 599…0)")
+    print("[2/4] split sampling (server levels 999…600, client levels 599…0)")
     run = load_run(run_dir)
     sc = SampleConfig(n=16, sampler="ddim", server_steps=40, client_steps=25, seed=dc.seed)
     grids, report_clients = [], []
@@ -102,7 +102,11 @@ def run_demo(dc: DemoConfig) -> dict:
         report_clients.append({"client": c, "cut_ratio": cfg.cut_ratios[c], "handoff_level": s.handoff_level,
                                "samples": os.path.basename(path)})
     save_images(os.path.join(dc.out, "samples.png"), np.concatenate(grids))
-    print("[3/3] plots and report")
+    print("[3/4] metrics: quality (FD/KD in classifier space), disclosure, reconstruction attack, client cost")
+    from .evaluate import demo_report
+
+    metrics = demo_report(run_dir) if not dc.quick else None
+    print("[4/4] plots and report")
     plot_losses(os.path.join(run_dir, "metrics.jsonl"), os.path.join(dc.out, "losses.png"))
     report = {
         "wall_s": time.perf_counter() - t0,
@@ -110,6 +114,7 @@ def run_demo(dc: DemoConfig) -> dict:
         "device": str(next(run.server.parameters()).device),
         "torch_threads": torch.get_num_threads(),
         "clients": report_clients,
+        "metrics": metrics,
         "outputs": {"grid": "samples.png", "losses": "losses.png", "run": "run"},
     }
     atomic_write_json(os.path.join(dc.out, "report.json"), report)
