@@ -213,7 +213,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.steps_given = getattr(args, "steps", None) if "--steps" in argv else None
     try:
-        return int(args.func(args) or 0)
+        fn = getattr(args, "func", None) or args.handler
+        return int(fn(args) or 0)
     except (CollafuseEdgeError, ValueError) as e:
         print(f"collafuse {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,35 @@
+"""collafuse.server: the aiohttp endpoint that runs the server's high-noise levels for many clients.
+
+    from collafuse.server import ServerConfig, TokenEntry, create_app, hash_token
+    app = create_app(ServerConfig("runs/demo", tokens=(TokenEntry(hash_token(tok), client=0),)))
+
+CLI: ``collafuse serve --run DIR --config server.toml [--host H] [--port P] [--workers N]``.
+Routes and the wire format: ``server/openapi.json`` and :mod:`collafuse_edge.protocol`.
+Names load on first use, so wiring the CLI parser imports neither torch nor aiohttp.
+"""
+_LAZY = {
+    "create_app": "app",
+    "STATE": "app",
+    "ServerConfig": "config",
+    "TokenEntry": "config",
+    "hash_token": "config",
+    "load_server_config": "config",
+    "new_token": "config",
+    "HandoffSpec": "engine",
+    "StepEngine": "engine",
+    "ApiError": "errors",
+    "ServerConfigError": "errors",
+    "openapi_document": "openapi",
+    "add_serve_parser": "cli",
+    "serve": "serve",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -25,6 +25,10 @@ H_DTYPE = "X-Collafuse-Dtype"  # "float32"
 H_LEVEL = "X-Collafuse-Level"  # handoff level k-1 of the sample (-1 = clean image)
 H_MODEL_VERSION = "X-Collafuse-Model-Version"
 H_SEED = "X-Collafuse-Seed"  # the seed the server used (echoed or drawn)
+H_CLIENT = "X-Collafuse-Client"  # the client id the token is bound to
+H_STEPS = "X-Collafuse-Steps"  # server levels evaluated for this response
+H_SAMPLER = "X-Collafuse-Sampler"  # "ddpm" or "ddim"
+H_QUEUE_MS = "X-Collafuse-Queue-Ms"  # time the request waited before its first step
 # request headers of POST /v1/train
 H_BATCH_ID = "X-Collafuse-Batch-Id"
 H_LABELS = "X-Collafuse-Labels"  # comma-separated ints, one per row, when labels are shared

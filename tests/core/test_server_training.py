@@ -116,11 +116,11 @@ def test_ddp_two_processes_gloo(run_dir, tmp_path):
     report = str(tmp_path / "ddp")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
-                        "-m", "collafuse.distributed", "--run-dir", run_dir, "--steps", "30", "--batch-rows", "16",
+                        "-m", "collafuse.distributed", "--run-dir", run_dir, "--steps", "12", "--batch-rows", "16",
                         "--report", report], capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     res = [json.load(open(f"{report}.rank{i}")) for i in range(2)]
     assert all(x["in_sync"] and x["world_size"] == 2 for x in res)
     assert res[0]["last_loss"] < res[0]["first_loss"]
     meta = read_state(latest_checkpoint(os.path.join(run_dir, "server_training")))
-    assert meta["step"] == 30 and meta["extra"]["ddp"]["world_size"] == 2
+    assert meta["step"] == 12 and meta["extra"]["ddp"]["world_size"] == 2

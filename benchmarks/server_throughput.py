@@ -1,0 +1,219 @@
+"""Server throughput on loopback: handoffs/s and p50/p99 latency vs concurrent clients, batching on/off.
+
+A live ``collafuse serve`` process (one per mode) on 127.0.0.1; C concurrent edge clients
+(``collafuse_edge.http_client``) each send R back-to-back ``POST /v1/handoff`` requests for n
+images. "off" serves one request at a time (``--no-batching``); "on" merges every active
+request into one forward per step (step-level batching). The server model is untrained (speed
+does not depend on the weights); on a CPU the default is the 0.65 M 'client' preset, since the
+6.5 M 'server' preset is too slow to sweep 64 clients on 2 cores (``--server-preset server`` runs it).
+
+    python benchmarks/server_throughput.py --out runs/bench-server          # ~5 min on 2 cores
+    python benchmarks/server_throughput.py --quick                          # ~1 min smoke run
+
+Bar (issue 4): with 16 concurrent clients, batching gives ≥ 4× the handoffs/s of one at a time.
+Prints a table; writes ``OUT/server_throughput.json`` with the machine description.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+import numpy as np
+
+BAR_CLIENTS, BAR_RATIO = 16, 4.0
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="runs/bench-server", help="folder for the JSON (and the throwaway run)")
+    p.add_argument("--clients", default="1,4,16,64", help="concurrency levels")
+    p.add_argument("--modes", default="off,on", help="batching modes to compare")
+    p.add_argument("--requests", type=int, default=3, help="requests per client per measurement")
+    p.add_argument("-n", type=int, default=1, help="images per request")
+    p.add_argument("--timesteps", type=int, default=100, help="T of the throwaway run")
+    p.add_argument("--cut-ratio", type=float, default=0.6, help="client share; the server runs (1-c)·T levels")
+    p.add_argument("--server-preset", default="client", help="model size of the server: tiny | client | server")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads of the server process (default 1: on a shared 2-core machine, two "
+                        "OpenMP threads that wait on each other's core can be 10-100× slower)")
+    p.add_argument("--max-batch-rows", type=int, default=256)
+    p.add_argument("--precision", default="fp32", help="fp32 | bf16 (server autocast)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the server model")
+    p.add_argument("--run", default=None, help="use this run directory instead of making a throwaway one")
+    p.add_argument("--quick", action="store_true", help="smoke run: tiny model, T=50, clients 1,4,16")
+    return p.parse_args(argv)
+
+
+def make_run(out: str, args) -> str:
+    """A throwaway run: one training step, so the checkpoint has the right shapes and config."""
+    from collafuse.config import PRESETS, DataConfig, RunConfig, ScheduleConfig, TrainConfig, tiny_preset
+    from collafuse.train import train
+
+    run_dir = os.path.join(out, f"run-{args.server_preset}-T{args.timesteps}")
+    if os.path.exists(os.path.join(run_dir, "LATEST")):
+        return run_dir
+    cfg = RunConfig(
+        data=DataConfig("digits", 16, 1, "iid", 0.2, 0),
+        schedule=ScheduleConfig(args.timesteps),
+        cut_ratios=(args.cut_ratio,),
+        client_model=tiny_preset(),
+        server_model=PRESETS[args.server_preset](16),
+        train=TrainConfig(steps=1, batch_size=4, checkpoint_every=1, log_every=1, device="cpu"),
+    )
+    train(cfg, run_dir, progress=False)
+    return run_dir
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, run_dir: str, config: str, batching: bool, args):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "collafuse.cli", "serve", "--run", run_dir, "--config", config,
+               "--port", str(self.port), "--threads", str(args.threads), "--log-level", "warning",
+               "--max-batch-rows", str(args.max_batch_rows), "--max-n", str(min(64, args.max_batch_rows)),
+               "--precision", args.precision]
+        if not batching:
+            cmd.append("--no-batching")
+        if args.compile:
+            cmd.append("--compile")
+        # Idle OpenMP threads sleep instead of spinning: on a machine shared with other work a spinning
+        # thread steals the core its partner needs (set OMP_WAIT_POLICY yourself to override).
+        env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"the server exited: {self.proc.stdout.read()}")
+            try:
+                with urllib.request.urlopen(self.url + "/readyz", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.3)
+        raise SystemExit("the server did not become ready in 10 minutes")
+
+    def metric(self, name: str) -> float:
+        with urllib.request.urlopen(self.url + "/metrics", timeout=10) as r:
+            text = r.read().decode()
+        m = re.search(rf"^{name} ([0-9.e+-]+)$", text, re.M)
+        return float(m.group(1)) if m else float("nan")
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+async def measure(url: str, token: str, clients: int, requests: int, n: int, seed0: int) -> dict:
+    from collafuse_edge.http_client import ClientConfig, ServerClient
+
+    lat: list[float] = []
+    async with ServerClient(ClientConfig(url, token=token, read_timeout_s=3600)) as server:
+        info = await server.info()
+        labels = list(range(n)) if info.labels_required else None
+
+        async def client(c: int) -> None:
+            for r in range(requests):
+                t0 = time.perf_counter()
+                await server.handoff(n, labels, seed=seed0 + c * requests + r)
+                lat.append(time.perf_counter() - t0)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client(c) for c in range(clients)))
+        wall = time.perf_counter() - t0
+    done = clients * requests
+    steps = info.schedule.T - info.client_levels
+    return {"clients": clients, "requests": done, "wall_s": wall, "handoffs_per_s": done / wall,
+            "img_steps_per_s": done * n * steps / wall, "p50_ms": float(np.percentile(lat, 50)) * 1e3,
+            "p99_ms": float(np.percentile(lat, 99)) * 1e3, "server_levels": steps}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.quick:
+        args.server_preset, args.timesteps, args.clients, args.requests = "tiny", 50, "1,4,16", 2
+    from collafuse.server.config import hash_token
+    from collafuse_edge.bench import format_table, machine_description
+
+    os.makedirs(args.out, exist_ok=True)
+    run_dir = args.run or make_run(args.out, args)
+    token = "bench-token"
+    cfg_path = os.path.join(tempfile.mkdtemp(), "server.json")
+    with open(cfg_path, "w") as f:
+        json.dump({"tokens": [{"name": "bench", "client": 0, "sha256": hash_token(token)}]}, f)
+    load_before = os.getloadavg()
+    modes = args.modes.split(",")
+    servers = {m: Server(run_dir, cfg_path, batching=(m == "on"), args=args) for m in modes}
+    rows = []
+    try:
+        for s in servers.values():
+            asyncio.run(measure(s.url, token, 2, 1, args.n, 10**9))  # warm-up: allocator, threads, caches
+        # Modes alternate per concurrency level, so a shared machine's load drifts over both alike;
+        # the idle server of the other mode uses no CPU meanwhile.
+        for c in (int(v) for v in args.clients.split(",")):
+            for mode, server in servers.items():
+                before = (server.metric("collafuse_batch_rows_sum"), server.metric("collafuse_batch_rows_count"))
+                r = asyncio.run(measure(server.url, token, c, args.requests, args.n, 1000 * c))
+                rs, rc = server.metric("collafuse_batch_rows_sum"), server.metric("collafuse_batch_rows_count")
+                r.update(mode=f"batching {mode}", mean_batch_rows=(rs - before[0]) / max(rc - before[1], 1),
+                         loadavg_1m=os.getloadavg()[0])
+                rows.append(r)
+                print(f"  {r['mode']:<12} {c:>3} clients: {r['handoffs_per_s']:.2f} handoffs/s, "
+                      f"p50 {r['p50_ms']:.0f} ms, p99 {r['p99_ms']:.0f} ms, mean batch {r['mean_batch_rows']:.1f}",
+                      flush=True)
+    finally:
+        for s in servers.values():
+            s.stop()
+    rows.sort(key=lambda r: (r["mode"], r["clients"]))
+    by = {(r["mode"], r["clients"]): r for r in rows}
+    for r in rows:
+        off = by.get(("batching off", r["clients"]))
+        if off and r["mode"] == "batching on":
+            r["speedup_vs_off"] = r["handoffs_per_s"] / off["handoffs_per_s"]
+    machine = machine_description()
+    import torch
+
+    machine.update(torch=torch.__version__, threads=args.threads, loadavg_before=load_before,
+                   loadavg_after=os.getloadavg())
+    cols = ["mode", "clients", "requests", "handoffs_per_s", "img_steps_per_s", "p50_ms", "p99_ms",
+            "mean_batch_rows", "speedup_vs_off", "loadavg_1m"]
+    print(f"\nserver model preset '{args.server_preset}', T={args.timesteps}, c={args.cut_ratio} "
+          f"({rows[0]['server_levels']} server levels per handoff), n={args.n}, {args.precision}"
+          f"{' + compile' if args.compile else ''}, {args.threads} torch threads")
+    print(f"machine: {machine['cpu']}, {machine['cores']} cores, load average before {load_before[0]:.1f}")
+    print(format_table(rows, cols))
+    bar = by.get(("batching on", BAR_CLIENTS), {}).get("speedup_vs_off")
+    verdict = None
+    if bar is not None:
+        verdict = bar >= BAR_RATIO
+        print(f"\nbar: {BAR_CLIENTS} clients, batching on/off = {bar:.1f}× (≥ {BAR_RATIO}×) — "
+              f"{'PASS' if verdict else 'FAIL'}")
+    result = {"args": vars(args), "machine": machine, "rows": rows,
+              "bar": {"clients": BAR_CLIENTS, "ratio": bar, "target": BAR_RATIO, "passed": verdict}}
+    path = os.path.join(args.out, "server_throughput.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

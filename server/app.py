@@ -1,0 +1,214 @@
+"""The aiohttp application: ``create_app(config) -> web.Application``.
+
+State lives under typed :class:`web.AppKey` keys. The model and the batching engine open in a
+cleanup context (loaded in a thread, warmed up, then ``/readyz`` turns ready) and close there;
+on shutdown the app first drains: ``/readyz`` answers 503, new handoffs are refused with 503,
+and in-flight handoffs finish (up to ``drain_timeout_s``) before the engine stops.
+
+Routes live in :mod:`.routes`; ``POST /v1/train`` is a later addition that registers itself the
+same way (``add_v1_routes``) and reuses the auth and error handling.
+
+Example::
+
+    app = create_app(ServerConfig("runs/demo", tokens=(TokenEntry(hash_token(tok), client=0),)))
+    web.run_app(app, host="127.0.0.1", port=8080)
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+from aiohttp import web
+
+from collafuse.checkpoint import DataInfo, LoadedRun, latest_checkpoint, read_config, read_data_info, read_state
+from collafuse.config import RunConfig
+
+from .auth import TokenStore
+from .config import ServerConfig
+from .engine import StepEngine
+from .errors import ServerConfigError
+from .metrics import ServerMetrics
+
+log = logging.getLogger("collafuse.server")
+
+
+@dataclass
+class ServerState:
+    """What the views need. ``engine`` and ``model_version`` are set once the model is loaded."""
+
+    config: ServerConfig
+    run_config: RunConfig
+    data: DataInfo
+    tokens: TokenStore
+    metrics: ServerMetrics
+    engine: StepEngine | None = None
+    model_version: str = ""
+    step: int = 0
+    accel: str = ""
+    device: str = ""
+    draining: bool = False
+    schedule_doc: dict = field(default_factory=dict, repr=False)  # /v1/info's schedule, built once
+    preloaded: LoadedRun | None = field(default=None, repr=False)
+    trainer: object | None = field(default=None, repr=False)  # collafuse.server_training.ServerTrainer
+
+    def training_progress(self) -> dict:
+        return {"enabled": True, **self.trainer.progress()} if self.trainer is not None else {"enabled": False}
+
+    @property
+    def ready(self) -> bool:
+        return self.engine is not None and self.engine.accepting and not self.draining
+
+    @property
+    def conditional(self) -> bool:
+        return self.run_config.server_conditioning == "label"
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        return (self.data.channels, self.data.image_size, self.data.image_size)
+
+
+STATE = web.AppKey("collafuse_state", ServerState)
+
+
+def model_version(run_dir: str) -> tuple[str, int]:
+    """``"<run name>@<step>:<sha256[:12] of the server weights>"`` and the step; identical in every
+    process that serves the same checkpoint, so clients can tell replicas apart when they differ."""
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise ServerConfigError(f"run {run_dir!r} has no checkpoint yet (no LATEST file); train it first")
+    meta = read_state(ckpt, verify=False)
+    digest = meta.get("files", {}).get("server.safetensors", "unknown")
+    name = os.path.basename(os.path.abspath(run_dir))
+    return f"{name}@{int(meta['step'])}:{digest[:12]}", int(meta["step"])
+
+
+def _load_engine(state: ServerState) -> StepEngine:
+    """Blocking: load the run's server model and build the engine (runs in a thread)."""
+    import torch
+
+    from collafuse.checkpoint import load_run
+
+    from .denoiser import AccelConfig, TorchDenoiser, resolve_device
+
+    cfg = state.config
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    run = state.preloaded if state.preloaded is not None else load_run(cfg.run_dir, device="cpu")
+    den = TorchDenoiser(run.server, device, AccelConfig(cfg.precision, cfg.compile, cfg.cuda_graphs),
+                        cfg.max_batch_rows)
+    state.accel = den.accel.describe()
+    state.device = str(device)
+    return StepEngine(den, run.schedule, state.sample_shape, device, conditional=den.conditional,
+                      batching=cfg.batching, max_batch_rows=cfg.max_batch_rows, max_queue=cfg.max_queue,
+                      metrics=state.metrics)
+
+
+async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
+    state = app[STATE]
+    loop = asyncio.get_running_loop()
+    engine = await loop.run_in_executor(None, _load_engine, state)
+    await engine.start()
+    if state.config.warmup:
+        await engine.run_sync(engine.denoise.warmup)
+    state.engine = engine
+    log.info("serving %s on %s (%s, batching %s, max %d rows per forward)", state.model_version, state.device,
+             state.accel, "on" if state.config.batching else "off", state.config.max_batch_rows)
+    try:
+        yield
+    finally:
+        await engine.close()
+        state.engine = None
+
+
+async def _drain(app: web.Application) -> None:
+    state = app[STATE]
+    state.draining = True
+    if state.engine is not None:
+        busy = state.engine.active + state.engine.waiting
+        if busy:
+            log.info("draining %d in-flight handoff requests", busy)
+        await state.engine.drain(state.config.drain_timeout_s)
+
+
+def _publish_weights(app: web.Application, loop: asyncio.AbstractEventLoop, sd: dict, version: int) -> None:
+    """Trainer thread → swap the served weights between engine steps (in the engine's worker
+    thread, so no forward sees half-loaded weights); in-flight requests are not dropped."""
+    state = app[STATE]
+    engine = state.engine
+    if engine is None:
+        return
+    model = engine.denoise.model
+
+    def load() -> None:
+        model.load_state_dict(sd)  # copies in place: compiled graphs / CUDA graphs stay valid
+
+    async def swap() -> None:
+        await engine.run_sync(load)
+        name = os.path.basename(os.path.abspath(state.config.run_dir))
+        state.model_version = f"{name}@server-train-{version}"
+        state.step = version
+        log.info("serving new server weights %s", state.model_version)
+
+    asyncio.run_coroutine_threadsafe(swap(), loop).result()
+
+
+async def _trainer_ctx(app: web.Application) -> AsyncIterator[None]:
+    state = app[STATE]
+    if not state.config.train:
+        yield
+        return
+    from collafuse.server_training import ServerTrainer, ServerTrainingConfig
+
+    cfg = state.config
+    loop = asyncio.get_running_loop()
+    tc = ServerTrainingConfig(batch_rows=cfg.train_batch_rows, checkpoint_every=cfg.train_checkpoint_every,
+                              max_pending_batches=cfg.max_pending_batches, device=cfg.device)
+    trainer = await loop.run_in_executor(
+        None, lambda: ServerTrainer(cfg.run_dir, tc, on_weights=lambda sd, v: _publish_weights(app, loop, sd, v)))
+    if trainer.step > 0:  # resumed: serve what the trainer had last published
+        sd = trainer.ema_state_dict()
+        await loop.run_in_executor(None, _publish_weights, app, loop, sd, trainer.step)
+    from .train_routes import TRAINER
+
+    app[TRAINER] = trainer
+    state.trainer = trainer
+    trainer.start()
+    log.info("training the server model from client uploads (step %d, %d batches pending)", trainer.step,
+             len(trainer.spool))
+    try:
+        yield
+    finally:
+        await loop.run_in_executor(None, trainer.stop)
+        state.trainer = None
+
+
+def create_app(config: ServerConfig, *, run: LoadedRun | None = None) -> web.Application:
+    """The server app for ``config``. ``run`` reuses an already loaded run (tests, notebooks).
+
+    Raises ServerConfigError at once for a bad run directory or token table, before any port opens.
+    """
+    from .middleware import error_middleware
+    from .routes import setup_routes
+
+    run_config = read_config(config.run_dir) if run is None else run.config
+    data = read_data_info(config.run_dir) if run is None else run.data
+    tokens = TokenStore.from_config(config, run_config.cut_ratios, run_config.schedule.num_train_timesteps)
+    version, step = model_version(config.run_dir)
+    state = ServerState(config, run_config, data, tokens, ServerMetrics(), model_version=version, step=step,
+                        schedule_doc=run_config.schedule.build().to_dict(), preloaded=run)
+    body_limit = max(config.max_body_bytes, config.max_train_body_bytes if config.train else 0)
+    app = web.Application(client_max_size=body_limit, middlewares=[error_middleware])
+    app[STATE] = state
+    app.cleanup_ctx.append(_engine_ctx)
+    app.cleanup_ctx.append(_trainer_ctx)
+    app.on_shutdown.append(_drain)
+    setup_routes(app)
+    from .routes import add_v1_routes
+    from .train_routes import TRAIN_ROUTES
+
+    add_v1_routes(app, TRAIN_ROUTES)
+    return app

@@ -1,0 +1,82 @@
+"""``collafuse serve``: the handoff server of a trained run.
+
+    collafuse serve --run runs/demo --config server.toml --host 0.0.0.0 --port 8080
+    collafuse serve --run runs/demo --config server.toml --workers 4        # gunicorn, 4 processes
+    collafuse serve --new-token 0                                           # a token for client 0
+
+``collafuse/cli.py`` wires :func:`add_serve_parser` in; the handler returns an exit code.
+Parsing imports neither torch nor aiohttp.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+
+from .config import PRECISIONS
+
+
+def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "serve", help="serve the server's denoising levels over HTTP (aiohttp, step-level batching)",
+        description="Serve POST /v1/handoff for the clients of a trained run: the server model runs the "
+                    "high-noise levels of many requests in shared batches. Client tokens and limits come "
+                    "from --config (JSON or TOML); flags override its [server] table.",
+    )
+    p.add_argument("--run", metavar="DIR", help="a trained run directory")
+    p.add_argument("--config", metavar="FILE", help="server config (.json or .toml): [server] options and [[tokens]]")
+    p.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="port (default 8080)")
+    p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N")
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help="fp32 (default; equal to in-process sampling), bf16 or fp16 autocast (faster, not equal)")
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the server model")
+    p.add_argument("--cuda-graphs", action="store_true", default=None, help="CUDA graphs per batch bucket (CUDA)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--no-batching", dest="batching", action="store_false", default=None,
+                   help="serve one request at a time (baseline)")
+    p.add_argument("--max-batch-rows", type=int, default=None, help="rows per model forward (default 256)")
+    p.add_argument("--max-n", type=int, default=None, help="images per request (default 64)")
+    p.add_argument("--max-queue", type=int, default=None, help="waiting requests before 503 (default 1024)")
+    p.add_argument("--max-body-bytes", type=int, default=None, help="request body limit (default 65536)")
+    p.add_argument("--drain-timeout", dest="drain_timeout_s", type=float, default=None,
+                   help="seconds shutdown waits for in-flight requests (default 30)")
+    p.add_argument("--tls-cert", default=None, metavar="PEM", help="serve HTTPS with this certificate chain")
+    p.add_argument("--tls-key", default=None, metavar="PEM", help="private key of --tls-cert")
+    p.add_argument("--no-warmup", dest="warmup", action="store_false", default=None,
+                   help="skip the warm-up forward(s) before /readyz turns ready")
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes (default 1); >1 runs gunicorn's aiohttp worker (pip install gunicorn)")
+    p.add_argument("--train", action="store_true", default=None,
+                   help="accept POST /v1/train uploads and train the server model in the background")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.add_argument("--new-token", type=int, metavar="K", default=None,
+                   help="print a fresh token for client K and the [[tokens]] entry to add, then exit")
+    p.set_defaults(func=cmd_serve, handler=cmd_serve)
+    return p
+
+
+_OPTIONS = ("host", "port", "device", "precision", "compile", "cuda_graphs", "threads", "batching",
+            "max_batch_rows", "max_n", "max_queue", "max_body_bytes", "drain_timeout_s", "tls_cert",
+            "tls_key", "warmup", "workers", "train")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .config import load_server_config, new_token, token_entry_text
+    from .errors import ServerConfigError
+
+    if args.new_token is not None:
+        if args.new_token < 0:
+            raise ServerConfigError(f"--new-token takes a client index ≥ 0, got {args.new_token}")
+        tok = new_token()
+        print(f"token (give it to client {args.new_token}; it is shown only now):\n  {tok}\n")
+        print("add to the server config file:\n")
+        print(token_entry_text(tok, args.new_token))
+        return 0
+    if not args.run:
+        raise ServerConfigError("--run DIR is required: the trained run whose server model to serve")
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = load_server_config(args.run, args.config, **{k: getattr(args, k) for k in _OPTIONS})
+    from .serve import serve
+
+    serve(cfg)
+    return 0

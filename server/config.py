@@ -1,0 +1,278 @@
+"""Server configuration: frozen dataclasses, and the JSON/TOML file that holds limits and tokens.
+
+A config file (``collafuse serve --run DIR --config server.toml``)::
+
+    [server]                      # optional; any ServerConfig field except run_dir/tokens
+    max_n = 64
+    max_batch_rows = 256
+
+    [[tokens]]
+    name = "hospital-a"           # shown in logs and metrics (the token itself never is)
+    client = 0                    # index into the run's clients
+    sha256 = "9f86d0…"            # sha256 hex digest of the bearer token (the token is not stored)
+    max_n = 16                    # optional: images per request (≤ server max_n)
+    requests_per_minute = 120     # optional: token-bucket rate limit
+    burst = 20                    # optional: bucket size (default: 10 s worth, at least 1)
+    images_per_day = 5000         # optional: quota per UTC day (per server process)
+    cut_ratio = 0.6               # optional: must give one of the run's handoff levels;
+                                  #   default the client's own cut ratio
+
+The same document as JSON: ``{"server": {…}, "tokens": [{…}, …]}``.
+``collafuse serve --new-token K`` prints a fresh token and its entry.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import re
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import ServerConfigError
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def hash_token(token: str) -> str:
+    """The sha256 hex digest a config file stores for ``token``."""
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def new_token() -> str:
+    """A fresh random bearer token (256 bits, URL-safe)."""
+    return secrets.token_urlsafe(32)
+
+
+def _positive_int(where: str, name: str, value: Any, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ServerConfigError(f"{where}{name} must be a positive integer, got {value!r}")
+
+
+def _positive_number(where: str, name: str, value: Any, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value > 0) or math.isinf(value):
+        raise ServerConfigError(f"{where}{name} must be a positive number, got {value!r}")
+
+
+@dataclass(frozen=True)
+class TokenEntry:
+    """One client credential. Only the sha256 digest of the token is kept."""
+
+    sha256: str  # hex digest of the bearer token
+    client: int  # index into the run's clients
+    name: str = ""  # label for logs/metrics; defaults to "client-<client>"
+    cut_ratio: float | None = None  # None: the run's cut ratio for this client
+    max_n: int | None = None  # images per request; None: the server's max_n
+    requests_per_minute: float | None = None  # None: unlimited
+    burst: int | None = None  # bucket size; None: 10 s worth of requests (≥ 1)
+    images_per_day: int | None = None  # None: unlimited
+    disabled: bool = False  # a revoked token: answered with 403
+
+    def __post_init__(self) -> None:
+        where = f"token {self.name or self.client!r}: "
+        if not isinstance(self.sha256, str) or not _HEX64.match(self.sha256):
+            raise ServerConfigError(
+                f"{where}sha256 must be the 64-character lowercase hex sha256 digest of the token "
+                "(see `collafuse serve --new-token K`); plain tokens are not stored in config files"
+            )
+        if isinstance(self.client, bool) or not isinstance(self.client, int) or self.client < 0:
+            raise ServerConfigError(f"{where}client must be a client index ≥ 0, got {self.client!r}")
+        if not isinstance(self.name, str):
+            raise ServerConfigError(f"{where}name must be a string, got {self.name!r}")
+        if not self.name:
+            object.__setattr__(self, "name", f"client-{self.client}")
+        if self.cut_ratio is not None and (
+            isinstance(self.cut_ratio, bool) or not isinstance(self.cut_ratio, (int, float))
+            or not (0.0 <= self.cut_ratio <= 1.0)
+        ):
+            raise ServerConfigError(f"{where}cut_ratio must be a number in [0, 1], got {self.cut_ratio!r}")
+        _positive_int(where, "max_n", self.max_n, allow_none=True)
+        _positive_number(where, "requests_per_minute", self.requests_per_minute, allow_none=True)
+        _positive_int(where, "burst", self.burst, allow_none=True)
+        _positive_int(where, "images_per_day", self.images_per_day, allow_none=True)
+        if not isinstance(self.disabled, bool):
+            raise ServerConfigError(f"{where}disabled must be true or false, got {self.disabled!r}")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything ``collafuse serve`` needs. The constructor is the config."""
+
+    run_dir: str  # a trained run directory (collafuse train --out DIR)
+    tokens: tuple[TokenEntry, ...] = ()
+    host: str = "127.0.0.1"
+    port: int = 8080
+    device: str = "auto"  # "auto" (CUDA when present), "cpu", "cuda", "cuda:N"
+    precision: str = "fp32"  # fp32 keeps results equal to in-process sampling; bf16/fp16 autocast
+    compile: bool = False  # torch.compile the server model (batch padded to buckets)
+    cuda_graphs: bool = False  # capture one CUDA graph per batch bucket (CUDA only)
+    threads: int = 0  # torch intra-op threads; 0 = torch's default
+    batching: bool = True  # step-level batching across requests; False = one request at a time
+    max_batch_rows: int = 256  # rows (images) per model forward
+    max_n: int = 64  # images per request (a token may lower it)
+    max_queue: int = 1024  # waiting requests before the server answers 503
+    max_body_bytes: int = 64 * 1024  # request body limit (413 above)
+    drain_timeout_s: float = 30.0  # how long shutdown waits for in-flight requests
+    tls_cert: str | None = None  # PEM certificate chain: serve HTTPS
+    tls_key: str | None = None  # PEM private key of tls_cert
+    warmup: bool = True  # run every batch bucket once before /readyz says ready
+    workers: int = 1  # >1: gunicorn with aiohttp workers (one process each; needs gunicorn)
+    train: bool = False  # accept POST /v1/train and train the server model in the background
+    max_train_rows: int = 1024  # rows per uploaded training batch
+    max_train_body_bytes: int = 16 * 2**20  # upload body limit for POST /v1/train (413 above)
+    train_batch_rows: int = 256  # rows per server update (uploads mixed across clients)
+    train_checkpoint_every: int = 50  # server updates between checkpoints / weight publications
+    max_pending_batches: int = 1024  # queued uploads before POST /v1/train answers 429
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tokens", tuple(self.tokens))
+        if not isinstance(self.run_dir, str) or not self.run_dir:
+            raise ServerConfigError(f"run_dir must be a run directory path, got {self.run_dir!r}")
+        if isinstance(self.port, bool) or not isinstance(self.port, int) or not (0 <= self.port <= 65535):
+            raise ServerConfigError(f"port must be an integer in [0, 65535], got {self.port!r}")
+        if self.precision not in PRECISIONS:
+            raise ServerConfigError(f"precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}")
+        if isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 0:
+            raise ServerConfigError(f"threads must be an integer ≥ 0, got {self.threads!r}")
+        if not isinstance(self.train, bool):
+            raise ServerConfigError(f"train must be true or false, got {self.train!r}")
+        if self.train and self.workers > 1:
+            raise ServerConfigError("train = true needs workers = 1: one process owns the training queue; "
+                                    "scale training out with torchrun (docs/operations.md)")
+        for name in ("max_train_rows", "max_train_body_bytes", "train_batch_rows", "train_checkpoint_every",
+                     "max_pending_batches"):
+            _positive_int("", name, getattr(self, name))
+        for name in ("max_batch_rows", "max_n", "max_queue", "max_body_bytes", "workers"):
+            _positive_int("", name, getattr(self, name))
+        if self.max_n > self.max_batch_rows:
+            raise ServerConfigError(
+                f"max_n ({self.max_n}) must not exceed max_batch_rows ({self.max_batch_rows}): "
+                "a request must fit into one model forward"
+            )
+        _positive_number("", "drain_timeout_s", self.drain_timeout_s)
+        for name in ("batching", "compile", "cuda_graphs", "warmup"):
+            if not isinstance(getattr(self, name), bool):
+                raise ServerConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ServerConfigError("tls_cert and tls_key go together: give both or neither")
+        for name in ("tls_cert", "tls_key"):
+            p = getattr(self, name)
+            if p is not None and not os.path.isfile(p):
+                raise ServerConfigError(f"{name} {p!r} is not a file")
+        seen: dict[str, str] = {}
+        for t in self.tokens:
+            if not isinstance(t, TokenEntry):
+                raise ServerConfigError(f"tokens must hold TokenEntry objects, got {type(t).__name__}")
+            if t.sha256 in seen:
+                raise ServerConfigError(f"tokens {seen[t.sha256]!r} and {t.name!r} have the same digest")
+            seen[t.sha256] = t.name
+            if t.max_n is not None and t.max_n > self.max_n:
+                raise ServerConfigError(
+                    f"token {t.name!r}: max_n {t.max_n} exceeds the server's max_n {self.max_n}"
+                )
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
+
+
+_SERVER_FIELDS = {f.name for f in dataclasses.fields(ServerConfig)} - {"run_dir", "tokens"}
+_TOKEN_FIELDS = {f.name for f in dataclasses.fields(TokenEntry)}
+
+
+def read_config_file(path: str) -> dict:
+    """The raw document of a JSON (``.json``) or TOML (``.toml``) server config file."""
+    if not os.path.isfile(path):
+        raise ServerConfigError(f"server config file {path!r} does not exist")
+    try:
+        if path.endswith(".toml"):
+            import tomllib
+
+            with open(path, "rb") as f:
+                doc = tomllib.load(f)
+        elif path.endswith(".json"):
+            with open(path, encoding="utf-8") as f:
+                doc = json.load(f)
+        else:
+            raise ServerConfigError(f"server config file {path!r} must end in .json or .toml")
+    except ServerConfigError:
+        raise
+    except (ValueError, OSError) as e:  # json.JSONDecodeError and tomllib.TOMLDecodeError are ValueErrors
+        raise ServerConfigError(f"server config file {path!r} cannot be parsed: {e}") from e
+    if not isinstance(doc, dict):
+        raise ServerConfigError(f"server config file {path!r} must hold a table/object at the top")
+    unknown = set(doc) - {"server", "tokens"}
+    if unknown:
+        raise ServerConfigError(f"server config file {path!r}: unknown top-level keys {sorted(unknown)}; "
+                                "allowed: server, tokens")
+    return doc
+
+
+def tokens_from(raw: Any, where: str) -> tuple[TokenEntry, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise ServerConfigError(f"{where}: tokens must be a list of tables/objects")
+    out = []
+    for i, entry in enumerate(raw):
+        if not isinstance(entry, dict):
+            raise ServerConfigError(f"{where}: tokens[{i}] must be a table/object")
+        unknown = set(entry) - _TOKEN_FIELDS
+        if unknown:
+            hint = " (store its sha256 digest instead)" if "token" in unknown else ""
+            raise ServerConfigError(f"{where}: tokens[{i}] has unknown keys {sorted(unknown)}{hint}; "
+                                    f"allowed: {', '.join(sorted(_TOKEN_FIELDS))}")
+        if "sha256" not in entry or "client" not in entry:
+            raise ServerConfigError(f"{where}: tokens[{i}] needs at least 'sha256' and 'client'")
+        out.append(TokenEntry(**entry))
+    return tuple(out)
+
+
+def load_server_config(run_dir: str, path: str | None = None, **overrides: Any) -> ServerConfig:
+    """A ServerConfig from an optional config file, with ``overrides`` (e.g. CLI flags) on top.
+
+    Overrides whose value is None are ignored, so argparse defaults of None mean "not given".
+    """
+    server: dict[str, Any] = {}
+    tokens: tuple[TokenEntry, ...] = ()
+    if path is not None:
+        doc = read_config_file(path)
+        raw_server = doc.get("server", {})
+        if not isinstance(raw_server, dict):
+            raise ServerConfigError(f"{path}: [server] must be a table/object")
+        unknown = set(raw_server) - _SERVER_FIELDS
+        if unknown:
+            raise ServerConfigError(f"{path}: [server] has unknown keys {sorted(unknown)}; "
+                                    f"allowed: {', '.join(sorted(_SERVER_FIELDS))}")
+        server.update(raw_server)
+        tokens = tokens_from(doc.get("tokens"), path)
+    for k, v in overrides.items():
+        if k not in _SERVER_FIELDS and k != "tokens":
+            raise ServerConfigError(f"unknown server option {k!r}")
+        if v is not None:
+            server[k] = v
+    if "tokens" in server:
+        tokens = tuple(server.pop("tokens"))
+    try:
+        return ServerConfig(run_dir=run_dir, tokens=tokens, **server)
+    except TypeError as e:
+        raise ServerConfigError(f"invalid server option: {e}") from e
+
+
+def token_entry_text(token: str, client: int, name: str = "") -> str:
+    """The TOML entry to paste into a config file for ``token`` (what --new-token prints)."""
+    lines = ["[[tokens]]", f'name = "{name or f"client-{client}"}"', f"client = {client}",
+             f'sha256 = "{hash_token(token)}"']
+    return "\n".join(lines) + "\n"
+
+
+__all__ = ["PRECISIONS", "ServerConfig", "TokenEntry", "hash_token", "load_server_config", "new_token",
+           "read_config_file", "token_entry_text", "tokens_from"]
