@@ -3,7 +3,7 @@
 This package is the bottom layer of the project: it never imports torch or diffusers, and the
 rest of collafuse imports its schedule maths and wire protocol from here.
 """
-from .errors import BundleError, CollafuseEdgeError, ProtocolError, ScheduleError, ServerError
+from .errors import BundleError, CollafuseEdgeError, InputError, ProtocolError, ScheduleError, ServerError
 from .schedule import (
     Schedule,
     Timetable,
@@ -17,8 +17,38 @@ from .schedule import (
 
 __version__ = "0.1.0"
 
+# The runtime API loads on first use, so importing the schedule maths stays cheap.
+_LAZY = {
+    "Bundle": "bundle",
+    "load_bundle": "bundle",
+    "EdgeRuntime": "runtime",
+    "Handoff": "runtime",
+    "HandoffSource": "runtime",
+    "SamplerConfig": "sampler",
+    "OnnxDenoiser": "session",
+    "SessionConfig": "session",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
+    "Bundle",
     "BundleError",
+    "EdgeRuntime",
+    "Handoff",
+    "HandoffSource",
+    "InputError",
+    "OnnxDenoiser",
+    "SamplerConfig",
+    "SessionConfig",
+    "load_bundle",
     "CollafuseEdgeError",
     "ProtocolError",
     "Schedule",

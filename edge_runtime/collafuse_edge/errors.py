@@ -24,3 +24,7 @@ class ServerError(CollafuseEdgeError):
         super().__init__(message)
         self.status = status
         self.code = code
+
+
+class InputError(CollafuseEdgeError, ValueError):
+    """An argument, option or input array given to the edge runtime is invalid."""

@@ -1,0 +1,108 @@
+"""``collafuse export``: one client of a trained run → an edge bundle.
+
+    collafuse export --run runs/demo --client 0 --out bundles/client0 --precision fp32
+
+Wire it into the main CLI with :func:`add_export_parser`; the handler returns an exit code.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from collafuse_edge.bundle import PRECISIONS
+
+from .errors import ExportError
+
+# Mirrors of onnx_export.EXPORTERS / MIN_OPSET, so building the parser imports neither torch
+# nor onnx (a test keeps them equal).
+EXPORTERS = ("auto", "dynamo", "legacy")
+MIN_OPSET = 18
+
+
+def export_client(run_dir: str, client: int, out_dir: str, config=None, *, overwrite: bool = False):
+    """Export client ``client`` of the run in ``run_dir`` (its EMA weights, its cut ratio;
+    its own training images calibrate int8 and feed the quality gate). Returns an ExportResult."""
+    from collafuse.checkpoint import load_run
+
+    from .exporter import ExportConfig, export_bundle
+
+    config = config or ExportConfig()
+
+    run = load_run(run_dir, device="cpu")
+    n = len(run.clients)
+    if isinstance(client, bool) or not isinstance(client, int) or not (0 <= client < n):
+        raise ExportError(f"client must be an index in [0, {n - 1}] for run {run_dir!r}, got {client!r}")
+    images = labels = None
+    if config.precision != "fp32":
+        from collafuse.data import load_dataset, partition
+
+        ds = load_dataset(run.config.data.source, run.config.data.image_size)
+        part = partition(ds, run.config.data)[client]
+        images, labels = part.train_images, part.train_labels
+    source = {"run": os.path.abspath(run_dir), "client": client, "step": run.step}
+    return export_bundle(run.clients[client], run.schedule, run.config.cut_ratios[client], out_dir,
+                         config=config, calibration_images=images, calibration_labels=labels,
+                         source=source, overwrite=overwrite)
+
+
+def add_export_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add the ``export`` sub-command; sets ``func=cmd_export`` (returns an exit code)."""
+    p = subparsers.add_parser(
+        "export", help="export one client's denoiser as an edge bundle (ONNX + manifest)",
+        description="Export a client's denoiser (EMA weights) for collafuse-edge: ONNX, validated "
+                    "against torch, with a manifest holding the schedule, the cut and sha256 hashes.",
+    )
+    p.add_argument("--run", required=True, metavar="DIR", help="a trained run directory")
+    p.add_argument("--client", required=True, type=int, metavar="K", help="client index (0-based)")
+    p.add_argument("--out", required=True, metavar="BUNDLE", help="output bundle directory (new or empty)")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="fp32 (default); fp16: half the size, float32 I/O; int8: static QDQ calibrated "
+                        "on the client's data. Variants pass a quality gate against fp32 and are "
+                        "timed; the manifest says whether they were faster here")
+    p.add_argument("--opset", type=int, default=MIN_OPSET, help=f"ONNX opset (default {MIN_OPSET})")
+    p.add_argument("--exporter", choices=EXPORTERS, default="auto",
+                   help="auto: torch's dynamo exporter, the legacy one if it fails")
+    p.add_argument("--atol", type=float, default=1e-4, help="validation tolerance vs torch (absolute)")
+    p.add_argument("--rtol", type=float, default=1e-3, help="validation tolerance vs torch (relative)")
+    p.add_argument("--no-speed", action="store_true", help="skip timing a variant against fp32")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing bundle at --out")
+    p.add_argument("--json", action="store_true", help="print the manifest summary as JSON")
+    p.set_defaults(func=cmd_export)
+    return p
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from collafuse_edge.errors import CollafuseEdgeError
+
+    from .exporter import ExportConfig
+
+    try:
+        cfg = ExportConfig(precision=args.precision, opset=args.opset, exporter=args.exporter,
+                           atol=args.atol, rtol=args.rtol, measure_speed=not args.no_speed)
+        result = export_client(args.run, args.client, args.out, cfg, overwrite=args.overwrite)
+    except CollafuseEdgeError as e:  # ExportError, CheckpointError, ConfigError, BundleError, …
+        print(f"collafuse export: error: {e}", file=sys.stderr)
+        return 1
+    m = result.manifest
+    summary = {
+        "bundle": str(result.bundle_dir), "precision": m["precision"], "exporter": m["model"]["exporter"],
+        "opset": m["model"]["opset"], "cut_ratio": m["cut_ratio"], "handoff_level": m["handoff_level"],
+        "model_bytes": m["files"][0]["bytes"], "validation_max_abs_diff": m["validation"]["max_abs_diff"],
+        "quality_gate": m.get("quality_gate"), "speed": (m.get("speed") or {}).get("summary"),
+    }
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(f"wrote {summary['bundle']}: {summary['precision']}, {summary['model_bytes'] / 1e6:.2f} MB, "
+              f"{summary['exporter']} opset {summary['opset']}, c={summary['cut_ratio']} "
+              f"(handoff level {summary['handoff_level']}); max |onnx − torch| "
+              f"{summary['validation_max_abs_diff']:.2g}")
+        if summary["quality_gate"]:
+            g = summary["quality_gate"]
+            print(f"quality gate vs fp32: ε rel-RMS {g['eps_rel_rms']:.3g}, sample mean |Δ| "
+                  f"{g['sample_mean_abs']:.3g}, PSNR {g['sample_psnr_db']:.1f} dB — passed")
+        if summary["speed"]:
+            print(f"speed: {summary['speed']}")
+    return 0
