@@ -1,8 +1,8 @@
 """``collafuse demo``: the whole story on the embedded digits, sized for ~10 minutes on 2 cores.
 
-train (3 clients, by-label non-IID, c = 0.6) → split-sample a grid per client → plots and a
-JSON report in the output folder. Later stages (export → server → edge client over HTTP,
-metrics) run when those packages are present.
+train (3 clients, by-label non-IID, c = 0.6) → export each client's ONNX bundle → start the
+server → each torch-free edge client generates over HTTP (checked against in-process split
+sampling) → metrics → sample grids, plots and a JSON report in the output folder.
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def demo_run_config(dc: DemoConfig) -> RunConfig:
     else:
         client = ModelConfig(16, 1, (32, 64), 1, ("plain", "plain"), True, 8)
         server = ModelConfig(16, 1, (32, 64), 1, ("plain", "plain"), True, 8)
-        steps, bs = dc.steps or 450, 32
+        steps, bs = dc.steps or 400, 32
     return RunConfig(
         data=DataConfig("digits", 16, 3, "by-label", 0.2, dc.seed),
         schedule=ScheduleConfig(1000, "linear"),
@@ -70,13 +70,85 @@ def plot_losses(metrics_path: str, out_png: str) -> None:
     os.replace(tmp, out_png)
 
 
+def _serve_and_generate(run_dir: str, out: str, clients: int, sc, labels: list, bundles: list[str]) -> list:
+    """Start ``collafuse serve`` (a real process, one token per client), then each client's
+    torch-free edge runtime asks it for handoff samples over HTTP and finishes them locally."""
+    import asyncio
+    import hashlib
+    import secrets
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+
+    from collafuse_edge import EdgeRuntime
+    from collafuse_edge.http_client import ClientConfig, ServerClient, generate_over_http
+    from collafuse_edge.sampler import SamplerConfig
+
+    tokens = [secrets.token_urlsafe(24) for _ in range(clients)]
+    conf = os.path.join(out, "server.json")
+    atomic_write_json(conf, {"tokens": [{"client": c, "name": f"client-{c}",
+                                         "sha256": hashlib.sha256(t.encode()).hexdigest()}
+                                        for c, t in enumerate(tokens)]})
+    with socket.socket() as so:
+        so.bind(("127.0.0.1", 0))
+        port = so.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    log = open(os.path.join(out, "server.log"), "w")
+    proc = subprocess.Popen([sys.executable, "-m", "collafuse.cli", "serve", "--run", run_dir, "--config", conf,
+                             "--port", str(port), "--log-level", "warning"], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"collafuse serve exited with {proc.returncode}; see {log.name}")
+            try:
+                with urllib.request.urlopen(url + "/readyz", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"collafuse serve did not become ready; see {log.name}")
+            time.sleep(0.3)
+
+        async def one(c: int) -> np.ndarray:
+            rt = EdgeRuntime.open(bundles[c])
+            async with ServerClient(ClientConfig(url, token=tokens[c])) as srv:
+                return await generate_over_http(
+                    rt, srv, sc.n, labels[c], seed=sc.seed, server_sampler=sc.sampler, server_steps=sc.server_steps,
+                    sampler=SamplerConfig(sc.sampler, sc.client_steps))
+
+        return [asyncio.run(one(c)) for c in range(clients)]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def _export(run_dir: str, client: int, out: str) -> str:
+    import subprocess
+    import sys
+
+    bundle = os.path.join(out, "bundles", f"client{client}")
+    r = subprocess.run([sys.executable, "-m", "collafuse.cli", "export", "--run", run_dir, "--client", str(client),
+                        "--out", bundle, "--overwrite", "--no-speed"], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"collafuse export failed for client {client}:\n{r.stderr[-2000:]}")
+    return bundle
+
+
 def run_demo(dc: DemoConfig) -> dict:
     import torch
 
     from collafuse_edge.images import save_images
 
     from .checkpoint import load_run
-    from .generate import SampleConfig, sample_client, to_numpy
+    from .generate import SampleConfig, client_labels, sample_client, to_numpy
     from .train import train
 
     t0 = time.perf_counter()
@@ -87,35 +159,49 @@ def run_demo(dc: DemoConfig) -> dict:
         import shutil
 
         shutil.rmtree(run_dir)
-    print(f"[1/4] training 3 clients + server on the digits ({cfg.train.steps} steps) → {run_dir}")
+    n_clients = cfg.data.num_clients
+    print(f"[1/5] training {n_clients} clients + server on the digits ({cfg.train.steps} steps) → {run_dir}")
     res = train(cfg, run_dir)
-    print("[2/4] split sampling (server levels 999…600, client levels 599…0)")
     run = load_run(run_dir)
     sc = SampleConfig(n=16, sampler="ddim", server_steps=40, client_steps=25, seed=dc.seed)
-    grids, report_clients = [], []
-    for c in range(cfg.data.num_clients):
-        s = sample_client(run, c, sc)
-        imgs = to_numpy(s.images)
+    labels = [client_labels(run, c, sc.n) for c in range(n_clients)]
+    print("[2/5] exporting each client's denoiser as a validated ONNX bundle")
+    bundles = [_export(run_dir, c, dc.out) for c in range(n_clients)]
+    print("[3/5] serving the server's levels over HTTP; each edge client (no torch) generates through it")
+    t_http = time.perf_counter()
+    http_images = _serve_and_generate(run_dir, dc.out, n_clients, sc, labels, bundles)
+    t_http = time.perf_counter() - t_http
+    report_clients = []
+    for c in range(n_clients):
+        ref = to_numpy(sample_client(run, c, sc, labels=labels[c]).images)  # in-process split sampling
         path = os.path.join(dc.out, f"samples_client{c}.png")
-        save_images(path, imgs)
-        grids.append(imgs)
-        report_clients.append({"client": c, "cut_ratio": cfg.cut_ratios[c], "handoff_level": s.handoff_level,
-                               "samples": os.path.basename(path)})
-    save_images(os.path.join(dc.out, "samples.png"), np.concatenate(grids))
-    print("[3/4] metrics: quality (FD/KD in classifier space), disclosure, reconstruction attack, client cost")
-    from .evaluate import demo_report
+        save_images(path, http_images[c])
+        report_clients.append({
+            "client": c, "cut_ratio": cfg.cut_ratios[c], "handoff_level": cfg.client_levels[c] - 1,
+            "labels": [int(v) for v in labels[c]], "samples": os.path.basename(path), "bundle": bundles[c],
+            "max_abs_diff_http_vs_in_process": float(np.max(np.abs(http_images[c] - ref))),
+        })
+    save_images(os.path.join(dc.out, "samples.png"), np.concatenate(http_images))
+    metrics = None
+    if not dc.quick:
+        print("[4/5] metrics: quality (FD/KD in classifier space), disclosure, reconstruction attack, client cost")
+        from .evaluate import demo_report
 
-    metrics = demo_report(run_dir) if not dc.quick else None
-    print("[4/4] plots and report")
+        metrics = demo_report(run_dir)
+    print("[5/5] plots and report")
     plot_losses(os.path.join(run_dir, "metrics.jsonl"), os.path.join(dc.out, "losses.png"))
     report = {
         "wall_s": time.perf_counter() - t0,
         "train": {"steps": res.step, "wall_s": res.wall_s, "steps_per_s": res.steps_per_s, "last": res.last},
+        "networked_generation_s": t_http,
+        "sampler": {"sampler": sc.sampler, "server_steps": sc.server_steps, "client_steps": sc.client_steps,
+                    "seed": sc.seed, "images_per_client": sc.n},
         "device": str(next(run.server.parameters()).device),
         "torch_threads": torch.get_num_threads(),
         "clients": report_clients,
         "metrics": metrics,
-        "outputs": {"grid": "samples.png", "losses": "losses.png", "run": "run"},
+        "outputs": {"grid": "samples.png", "losses": "losses.png", "run": "run", "bundles": "bundles",
+                    "server_log": "server.log"},
     }
     atomic_write_json(os.path.join(dc.out, "report.json"), report)
     return report
