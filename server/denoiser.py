@@ -22,15 +22,14 @@ log = logging.getLogger("collafuse.server")
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The core's device resolution (one place), with the server's error type."""
+    from collafuse.errors import ConfigError
+    from collafuse.train import resolve_device as core_resolve
+
     try:
-        dev = torch.device(name)
-    except RuntimeError as e:
-        raise ServerConfigError(f"device {name!r} is not a torch device; use auto, cpu, cuda or cuda:N") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ServerConfigError(f"device {name!r} asks for CUDA but torch sees no CUDA device; use --device cpu")
-    return dev
+        return core_resolve(name)
+    except ConfigError as e:
+        raise ServerConfigError(str(e)) from None
 
 
 def buckets(max_rows: int) -> tuple[int, ...]:
