@@ -102,7 +102,7 @@ BAD = [
     ("another client", "POST", "/v1/handoff", auth(0), {**GOOD, "client": 1}, 403, "forbidden"),
     ("unknown route", "GET", "/v1/nope", auth(0), None, 404, "not_found"),
     ("unknown root route", "GET", "/admin", {}, None, 404, "not_found"),
-    ("train not yet", "POST", "/v1/train", auth(0), GOOD, 404, "not_found"),
+    ("train disabled", "POST", "/v1/train", auth(0), GOOD, 404, "training_disabled"),
     ("wrong method handoff", "GET", "/v1/handoff", auth(0), None, 405, "method_not_allowed"),
     ("wrong method info", "DELETE", "/v1/info", auth(0), None, 405, "method_not_allowed"),
     ("wrong method health", "POST", "/healthz", {}, GOOD, 405, "method_not_allowed"),
