@@ -30,7 +30,7 @@ test-edge-alone:
 	rm -rf $(EDGE_VENV)
 	$(PYTHON) -m venv $(EDGE_VENV)
 	$(EDGE_VENV)/bin/python -m pip install -q "./edge_runtime[cpu,png]" pytest pytest-aiohttp
-	cd tests/edge && ../../$(EDGE_VENV)/bin/python -m pytest -q -p no:cacheprovider --rootdir=. -c /dev/null -o asyncio_mode=auto . || [ $$? -eq 5 ]
+	cd tests/edge && ../../$(EDGE_VENV)/bin/python -m pytest -q -p no:cacheprovider --rootdir=. -c /dev/null -o asyncio_mode=auto -o asyncio_default_fixture_loop_scope=function . || [ $$? -eq 5 ]
 
 clean:
 	rm -rf $(VENV) $(EDGE_VENV) demo-out
