@@ -12,7 +12,6 @@ Example::
 """
 from __future__ import annotations
 
-import asyncio
 import functools
 import os
 from dataclasses import dataclass
@@ -186,6 +185,8 @@ class EdgeRuntime:
         self, handoff: Handoff, labels: LabelsLike = None, *, sampler: SamplerConfig = SamplerConfig(),
     ) -> np.ndarray:
         """:meth:`finish` in a worker thread."""
+        import asyncio  # here, not at the top: the CLI's start-up time matters on a device
+
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(None, functools.partial(self.finish, handoff, labels, sampler=sampler))
 
