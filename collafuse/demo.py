@@ -35,7 +35,7 @@ def demo_run_config(dc: DemoConfig) -> RunConfig:
     else:
         client = ModelConfig(16, 1, (32, 64), 1, ("plain", "plain"), True, 8)
         server = ModelConfig(16, 1, (32, 64), 1, ("plain", "plain"), True, 8)
-        steps, bs = dc.steps or 400, 32
+        steps, bs = dc.steps or 320, 32
     return RunConfig(
         data=DataConfig("digits", 16, 3, "by-label", 0.2, dc.seed),
         schedule=ScheduleConfig(1000, "linear"),
