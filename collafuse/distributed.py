@@ -80,6 +80,7 @@ def train_ddp(run_dir: str, steps: int, batch_rows: int, seed: int = 0) -> dict:
         ref = flat_w.clone()
         dist.broadcast(ref, 0)
         in_sync = bool(torch.equal(ref, flat_w))
+        dist.barrier()  # nobody tears down the group while a peer is still in a collective
         return {"rank": rank, "world_size": world, "first_loss": losses[0], "last_loss": float(np.mean(losses[-5:])),
                 "in_sync": in_sync, "step": tr.step}
     finally:
