@@ -19,7 +19,6 @@ replaced atomically; a crash or a full disk leaves the previous checkpoint intac
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -31,6 +30,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from collafuse_edge.bundle import sha256_file  # one hashing helper for bundles and checkpoints
 from collafuse_edge.schedule import Schedule
 
 from .config import RunConfig, replace
@@ -59,14 +59,6 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
 
 def atomic_write_json(path: str, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
-
-
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _read_json(path: str, what: str) -> Any:

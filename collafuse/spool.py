@@ -25,6 +25,7 @@ import numpy as np
 
 from collafuse_edge.protocol import decode_tensor, encode_tensor
 
+from .checkpoint import atomic_write_bytes
 from .errors import CollafuseError
 
 BATCH_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -49,15 +50,6 @@ class SpooledBatch:
         return f"{self.client}/{self.batch_id}"
 
 
-def _fsync_write(path: str, data: bytes) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 class DisclosureSpool:
     """A bounded, durable FIFO of disclosed batches, safe to use from several threads."""
 
@@ -78,7 +70,7 @@ class DisclosureSpool:
 
     def _recover(self) -> None:
         for f in os.listdir(self.pending_dir):
-            if f.endswith(".tmp"):
+            if f.endswith(".tmp") or f.startswith(".tmp-"):
                 os.unlink(os.path.join(self.pending_dir, f))  # an upload that was never acknowledged
         metas = sorted(f for f in os.listdir(self.pending_dir) if f.endswith(".json"))
         for f in metas:
@@ -131,8 +123,8 @@ class DisclosureSpool:
                 "labels": None if labels is None else [int(v) for v in labels],
                 "sha256": hashlib.sha256(payload).hexdigest()}
         try:
-            _fsync_write(os.path.join(self.pending_dir, stem + ".npy"), payload)
-            _fsync_write(os.path.join(self.pending_dir, stem + ".json"), json.dumps(meta).encode())
+            atomic_write_bytes(os.path.join(self.pending_dir, stem + ".npy"), payload)
+            atomic_write_bytes(os.path.join(self.pending_dir, stem + ".json"), json.dumps(meta).encode())
             dfd = os.open(self.pending_dir, os.O_RDONLY)
             try:
                 os.fsync(dfd)
