@@ -15,7 +15,9 @@ Layout::
     RUN/metrics.jsonl                     one JSON object per logged step
 
 A checkpoint is written into ``step_N.tmp`` and renamed when complete, then ``LATEST`` is
-replaced atomically; a crash or a full disk leaves the previous checkpoint intact.
+replaced atomically; a crash or a full disk leaves the previous checkpoint intact. A write that
+the OS refuses (ENOSPC, EROFS, EDQUOT, …) raises :class:`CheckpointError` naming the cause and
+the checkpoint that is still in force (tests/core/test_faults_checkpoint.py).
 """
 from __future__ import annotations
 
@@ -143,11 +145,13 @@ def save_checkpoint(run_dir: str, step: int, models: list[ModelState], rng_state
     name = f"step_{step:07d}"
     final = os.path.join(root, name)
     tmp = final + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    old = final + ".old"
     files: dict[str, str] = {}
     meta: dict[str, Any] = {"format": CHECKPOINT_FORMAT, "step": step, "models": {}, "extra": extra or {}}
+    moved_aside = False
     try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
         for ms in models:
             raw = {k: v.detach().cpu().contiguous() for k, v in ms.model.state_dict().items()}
             save_file(raw, os.path.join(tmp, f"{ms.name}.raw.safetensors"))
@@ -164,19 +168,41 @@ def save_checkpoint(run_dir: str, step: int, models: list[ModelState], rng_state
         for f in os.listdir(tmp):  # make the file contents durable before the rename
             with open(os.path.join(tmp, f), "rb") as fh:
                 os.fsync(fh.fileno())
-        if os.path.exists(final):
-            shutil.rmtree(final)
+        if os.path.exists(final):  # the same step again: keep the old one until LATEST moved on
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            moved_aside = True
         os.replace(tmp, final)
         atomic_write_bytes(os.path.join(run_dir, "LATEST"), (name + "\n").encode())
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if moved_aside and not os.path.exists(final):
+            os.replace(old, final)
+        if isinstance(e, OSError):  # disk full, read-only, quota: say so, and that nothing was lost
+            prev = _latest_name(run_dir)
+            raise CheckpointError(
+                f"cannot write checkpoint {name} in {root!r}: {e.strerror or e} "
+                f"({type(e).__name__}, errno {e.errno}); "
+                + (f"the previous checkpoint {prev} is intact and LATEST still points at it"
+                   if prev else "no earlier checkpoint exists") + "; free space or fix permissions and retry"
+            ) from e
         raise
+    if moved_aside:
+        shutil.rmtree(old, ignore_errors=True)
     _prune(root, keep=KEEP_CHECKPOINTS, current=name)
     return final
 
 
+def _latest_name(run_dir: str) -> str | None:
+    try:
+        with open(os.path.join(run_dir, "LATEST"), encoding="utf-8") as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
 def _prune(root: str, keep: int, current: str) -> None:
-    done = sorted(d for d in os.listdir(root) if d.startswith("step_") and not d.endswith(".tmp"))
+    done = sorted(d for d in os.listdir(root) if d.startswith("step_") and not d.endswith((".tmp", ".old")))
     for d in done[:-keep]:
         if d != current:
             shutil.rmtree(os.path.join(root, d), ignore_errors=True)

@@ -11,6 +11,7 @@ and restarts (see :mod:`collafuse.spool`).
 """
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -22,11 +23,14 @@ import torch
 
 from .checkpoint import (latest_checkpoint, load_rng, load_tensors, model_configs, read_config, read_data_info,
                          read_state, restore_model_state, save_checkpoint)
+from .errors import CheckpointError
 from .objectives import Disclosure
 from .spool import DisclosureSpool, SpooledBatch
 from .train import new_model_state, resolve_device, server_update
 
 WeightsCallback = Callable[[dict, int], None]
+CHECKPOINT_RETRY_S = 5.0  # first wait before retrying a refused checkpoint write (doubles, ≤ 300 s)
+log = logging.getLogger("collafuse.server_training")
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,7 @@ class ServerTrainer:
         self.gen = torch.Generator().manual_seed(tc.seed)
         self.step = 0
         self.trained: set[str] = set()
+        self.trained_rows = 0
         ckpt = latest_checkpoint(self.state_dir)
         if ckpt is not None:  # resume the networked trainer
             meta = read_state(ckpt)
@@ -63,6 +68,7 @@ class ServerTrainer:
             self.gen.set_state(load_rng(ckpt))
             self.step = int(meta["step"])
             self.trained = set(meta["extra"].get("trained", []))
+            self.trained_rows = int(meta["extra"].get("trained_rows", 0))  # a running total across restarts
         else:  # start from the run's own server model (raw weights + EMA + optimiser)
             run_ckpt = latest_checkpoint(run_dir)
             if run_ckpt is not None:
@@ -71,11 +77,13 @@ class ServerTrainer:
                                      tc.max_pending_bytes, done=self.trained)
         self.on_weights = on_weights
         self.losses: list[float] = []
-        self.trained_rows = 0
         self._since_ckpt: list[SpooledBatch] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
+        self.checkpoint_error: str | None = None  # the last failed checkpoint write (disk full …), until one succeeds
+        self._ckpt_retry_at = 0.0
+        self._ckpt_backoff = CHECKPOINT_RETRY_S
 
     @property
     def version(self) -> int:
@@ -97,9 +105,29 @@ class ServerTrainer:
         self._since_ckpt.extend(batches)
         if loss is not None:
             self.losses.append(loss)
-        if self.step % self.tc.checkpoint_every == 0:
-            self.checkpoint()
+        due = self.step % self.tc.checkpoint_every == 0
+        if due or (self.checkpoint_error is not None and time.monotonic() >= self._ckpt_retry_at):
+            self.try_checkpoint()
         return loss
+
+    def try_checkpoint(self) -> bool:
+        """:meth:`checkpoint`, but a refused write (disk full, read-only) does not stop training: the
+        batches since the last good checkpoint stay spooled (so a crash now loses nothing) and the
+        write is retried with backoff. The error shows in :meth:`progress` and the log."""
+        try:
+            self.checkpoint()
+        except (CheckpointError, OSError) as e:
+            self.checkpoint_error = str(e)
+            self._ckpt_retry_at = time.monotonic() + self._ckpt_backoff
+            log.error("server-training checkpoint at step %d failed (%d trained batches stay spooled; retry in "
+                      "%.0f s): %s", self.step, len(self._since_ckpt), self._ckpt_backoff, e)
+            self._ckpt_backoff = min(self._ckpt_backoff * 2, 300.0)
+            return False
+        if self.checkpoint_error is not None:
+            log.info("server-training checkpoint at step %d written again after earlier failures", self.step)
+        self.checkpoint_error = None
+        self._ckpt_backoff = CHECKPOINT_RETRY_S
+        return True
 
     def checkpoint(self) -> None:
         if not self._since_ckpt and latest_checkpoint(self.state_dir) is not None:
@@ -126,6 +154,8 @@ class ServerTrainer:
                 batches = self.spool.take(self.tc.batch_rows, timeout=0.2)
                 if batches:
                     self.train_batches(batches)
+                elif self.checkpoint_error is not None and time.monotonic() >= self._ckpt_retry_at:
+                    self.try_checkpoint()  # idle, but trained batches still wait for a durable checkpoint
         except BaseException as e:  # surfaced through /readyz and the logs
             self.error = e
             raise
@@ -139,13 +169,14 @@ class ServerTrainer:
         if self._thread is not None:
             self._thread.join()
         if checkpoint and self._since_ckpt:
-            self.checkpoint()
+            self.try_checkpoint()  # a failure is logged; the batches stay spooled for the next start
 
     def progress(self) -> dict:
         return {"step": self.step, "trained_batches": len(self.trained), "trained_rows": self.trained_rows,
                 "pending_batches": len(self.spool), "last_loss": self.losses[-1] if self.losses else None,
                 "running": bool(self._thread and self._thread.is_alive()),
-                "error": None if self.error is None else type(self.error).__name__}
+                "error": None if self.error is None else type(self.error).__name__,
+                "checkpoint_error": self.checkpoint_error}
 
 
 def load_server_training_weights(run_dir: str) -> tuple[dict, int] | None:

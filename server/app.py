@@ -203,6 +203,9 @@ def create_app(config: ServerConfig, *, run: LoadedRun | None = None) -> web.App
     body_limit = max(config.max_body_bytes, config.max_train_body_bytes if config.train else 0)
     app = web.Application(client_max_size=body_limit, middlewares=[error_middleware])
     app[STATE] = state
+    from .token_reload import token_reload_ctx
+
+    app.cleanup_ctx.append(token_reload_ctx)  # first: SIGHUP must not kill a server still loading
     app.cleanup_ctx.append(_engine_ctx)
     app.cleanup_ctx.append(_trainer_ctx)
     app.on_shutdown.append(_drain)

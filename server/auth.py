@@ -109,17 +109,34 @@ def make_grant(entry: TokenEntry, cfg: ServerConfig, run_cut_ratios: tuple[float
 class TokenStore:
     """sha256 digest → Grant; lookups compare against every digest with hmac.compare_digest."""
 
-    def __init__(self, grants: dict[str, Grant]):
+    def __init__(self, grants: dict[str, Grant], entries: dict[str, TokenEntry] | None = None):
         self._items = [(bytes.fromhex(d), g) for d, g in grants.items()]
+        self._entries = dict(entries or {})  # digest → the entry its grant came from (for reloads)
 
     @classmethod
-    def from_config(cls, cfg: ServerConfig, run_cut_ratios: tuple[float, ...], T: int) -> "TokenStore":
+    def from_config(cls, cfg: ServerConfig, run_cut_ratios: tuple[float, ...], T: int,
+                    previous: "TokenStore | None" = None) -> "TokenStore":
+        """The store of ``cfg.tokens``. With ``previous`` (a token reload), a token whose entry did not
+        change keeps its grant, so its rate-limit bucket and daily quota carry over."""
         if not cfg.tokens:
             raise ServerConfigError(
                 "no client tokens are configured, so every /v1/ request would be refused; pass "
                 "--config FILE with [[tokens]] entries (`collafuse serve --new-token K` makes one)"
             )
-        return cls({t.sha256: make_grant(t, cfg, run_cut_ratios, T) for t in cfg.tokens})
+        old = previous._grants_by_digest() if previous is not None else {}
+        grants = {}
+        for t in cfg.tokens:
+            kept = old.get(t.sha256)
+            same = kept is not None and previous._entries.get(t.sha256) == t
+            grants[t.sha256] = kept if same else make_grant(t, cfg, run_cut_ratios, T)
+        return cls(grants, {t.sha256: t for t in cfg.tokens})
+
+    def _grants_by_digest(self) -> dict[str, Grant]:
+        return {d.hex(): g for d, g in self._items}
+
+    def names(self) -> list[str]:
+        """The grants' names (for logs; never the tokens or their digests)."""
+        return sorted(g.name for _, g in self._items)
 
     def __len__(self) -> int:
         return len(self._items)

@@ -131,6 +131,14 @@ class ServerConfig:
     train_batch_rows: int = 256  # rows per server update (uploads mixed across clients)
     train_checkpoint_every: int = 50  # server updates between checkpoints / weight publications
     max_pending_batches: int = 1024  # queued uploads before POST /v1/train answers 429
+    # Slow or stalled peers (docs/reliability.md): each bounds how long one connection can hold the server.
+    keepalive_timeout_s: float = 15.0  # idle connection, or one that never finishes sending its headers
+    body_timeout_s: float = 60.0  # receiving one request body, once its headers are in (408 after)
+    send_timeout_s: float = 60.0  # writing one response to a client that does not read it (then closed)
+    # Token rotation: re-read the [[tokens]] of config_file when its mtime changes (checked every
+    # token_reload_s seconds; 0 = only on SIGHUP). Set by load_server_config; None = no file.
+    config_file: str | None = None
+    token_reload_s: float = 5.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tokens", tuple(self.tokens))
@@ -157,7 +165,14 @@ class ServerConfig:
                 f"max_n ({self.max_n}) must not exceed max_batch_rows ({self.max_batch_rows}): "
                 "a request must fit into one model forward"
             )
-        _positive_number("", "drain_timeout_s", self.drain_timeout_s)
+        for name in ("drain_timeout_s", "keepalive_timeout_s", "body_timeout_s", "send_timeout_s"):
+            _positive_number("", name, getattr(self, name))
+        if (isinstance(self.token_reload_s, bool) or not isinstance(self.token_reload_s, (int, float))
+                or not (self.token_reload_s >= 0) or math.isinf(self.token_reload_s)):
+            raise ServerConfigError(f"token_reload_s must be a number of seconds ≥ 0 (0: only on SIGHUP), "
+                                    f"got {self.token_reload_s!r}")
+        if self.config_file is not None and not isinstance(self.config_file, str):
+            raise ServerConfigError(f"config_file must be a path, got {self.config_file!r}")
         for name in ("batching", "compile", "cuda_graphs", "warmup"):
             if not isinstance(getattr(self, name), bool):
                 raise ServerConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
@@ -184,7 +199,7 @@ class ServerConfig:
         return self.tls_cert is not None
 
 
-_SERVER_FIELDS = {f.name for f in dataclasses.fields(ServerConfig)} - {"run_dir", "tokens"}
+_SERVER_FIELDS = {f.name for f in dataclasses.fields(ServerConfig)} - {"run_dir", "tokens", "config_file"}
 _TOKEN_FIELDS = {f.name for f in dataclasses.fields(TokenEntry)}
 
 
@@ -254,8 +269,10 @@ def load_server_config(run_dir: str, path: str | None = None, **overrides: Any) 
                                     f"allowed: {', '.join(sorted(_SERVER_FIELDS))}")
         server.update(raw_server)
         tokens = tokens_from(doc.get("tokens"), path)
+    if path is not None:
+        server["config_file"] = os.path.abspath(path)
     for k, v in overrides.items():
-        if k not in _SERVER_FIELDS and k != "tokens":
+        if k not in _SERVER_FIELDS and k not in ("tokens", "config_file"):
             raise ServerConfigError(f"unknown server option {k!r}")
         if v is not None:
             server[k] = v
@@ -267,6 +284,11 @@ def load_server_config(run_dir: str, path: str | None = None, **overrides: Any) 
         raise ServerConfigError(f"invalid server option: {e}") from e
 
 
+def load_tokens(path: str) -> tuple[TokenEntry, ...]:
+    """Only the ``[[tokens]]`` of a config file, fully validated (token rotation re-reads these)."""
+    return tokens_from(read_config_file(path).get("tokens"), path)
+
+
 def token_entry_text(token: str, client: int, name: str = "") -> str:
     """The TOML entry to paste into a config file for ``token`` (what --new-token prints)."""
     lines = ["[[tokens]]", f'name = "{name or f"client-{client}"}"', f"client = {client}",
@@ -274,5 +296,5 @@ def token_entry_text(token: str, client: int, name: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["PRECISIONS", "ServerConfig", "TokenEntry", "hash_token", "load_server_config", "new_token",
+__all__ = ["PRECISIONS", "ServerConfig", "TokenEntry", "hash_token", "load_server_config", "load_tokens", "new_token",
            "read_config_file", "token_entry_text", "tokens_from"]

@@ -3,6 +3,12 @@
 It covers the views' :class:`ApiError`, aiohttp's own HTTP exceptions (404 unknown route, 405
 wrong method, 413 body too large, …) and unexpected exceptions (500, logged with a traceback,
 never echoed to the caller). It also counts requests and bytes for ``/metrics``.
+
+Slow peers: views read bodies with :func:`read_body` (``body_timeout_s``, then 408 and the
+connection closes), and the middleware writes every response itself within ``send_timeout_s``;
+a client that does not read its answer has its connection aborted, so its handler and buffers
+are freed. Idle connections and ones that never finish their headers are closed by aiohttp after
+``keepalive_timeout_s`` (set in :mod:`.serve`).
 """
 from __future__ import annotations
 
@@ -25,6 +31,24 @@ _CODES = {
 }
 
 
+async def read_body(request: web.Request) -> bytes:
+    """The whole request body, or ApiError 408 when it does not arrive within ``body_timeout_s``
+    (a client that sends its headers and then stalls must not hold a handler forever)."""
+    from .app import STATE
+
+    timeout = request.app[STATE].config.body_timeout_s
+    try:
+        return await asyncio.wait_for(request.read(), timeout)
+    except asyncio.TimeoutError:
+        raise ApiError(408, "request_timeout", f"the request body did not arrive within {timeout:g} s "
+                       "(the server's body_timeout_s); send the body right after the headers") from None
+
+
+async def _send(request: web.Request, resp: web.StreamResponse) -> None:
+    await resp.prepare(request)
+    await resp.write_eof()
+
+
 def json_error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
     return web.json_response(error_body(code, message), status=status, headers=headers)
 
@@ -42,7 +66,12 @@ def _from_http_exception(request: web.Request, e: web.HTTPException) -> web.Resp
         from .app import STATE
 
         state = request.app.get(STATE)
-        limit = f"{state.config.max_body_bytes} bytes" if state is not None else "the configured size"
+        if state is None:
+            limit = "the configured size"
+        elif request.path == "/v1/train":
+            limit = f"{state.config.max_train_body_bytes} bytes (max_train_body_bytes)"
+        else:
+            limit = f"{state.config.max_body_bytes} bytes"
         message = f"request body too large; the limit is {limit}"
     else:
         message = e.text if e.text and not e.text.startswith(f"{status}:") else e.reason
@@ -82,4 +111,17 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
         body = getattr(resp, "body", None)
         if isinstance(body, (bytes, bytearray)):
             m.bytes_out.inc(len(body))
+    if resp.status == 408:  # the body was not read to its end: the connection cannot be reused
+        resp.force_close()
+    if state is not None and not resp.prepared:
+        timeout = state.config.send_timeout_s
+        try:
+            await asyncio.wait_for(_send(request, resp), timeout)
+        except asyncio.TimeoutError:
+            log.warning("aborted the connection of %s %s: the client did not read its %d response within %g s "
+                        "(send_timeout_s)", request.method, request.path, resp.status, timeout)
+            if request.transport is not None:
+                request.transport.abort()
+        except ConnectionError:
+            pass  # the client went away; aiohttp's own write below sees the same and logs nothing
     return resp

@@ -19,6 +19,7 @@ from .auth import Grant, charge
 from .errors import ApiError, EngineBusy, EngineClosed, bad_request
 from .handoff_params import parse_handoff
 from .metrics import CONTENT_TYPE_LATEST
+from .middleware import read_body
 from .openapi import API_VERSION, openapi_document
 
 
@@ -37,7 +38,7 @@ async def read_json(request: web.Request):
         raise ApiError(415, "unsupported_media_type",
                        f"send the body as JSON with Content-Type: application/json "
                        f"(got {request.content_type or 'none'})")
-    raw = await request.read()  # aiohttp raises 413 beyond client_max_size
+    raw = await read_body(request)  # aiohttp raises 413 beyond client_max_size; 408 on a stalled body
     limit = state_of(request).config.max_body_bytes
     if len(raw) > limit:  # client_max_size may be larger when training uploads are on
         raise ApiError(413, "body_too_large", f"the body is {len(raw)} bytes; the limit is {limit}")

@@ -65,6 +65,7 @@ def serve(cfg: ServerConfig) -> None:
     # at the next step instead of computing samples nobody will read.
     web.run_app(app, host=cfg.host, port=cfg.port, ssl_context=ssl_context(cfg),
                 shutdown_timeout=cfg.drain_timeout_s + 5, handler_cancellation=True,
+                keepalive_timeout=cfg.keepalive_timeout_s,
                 print=lambda *_: print(f"collafuse serve: listening on {scheme}://{cfg.host}:{cfg.port} "
                                        f"(Ctrl-C to stop)", flush=True))
 
@@ -86,7 +87,7 @@ async def app_factory():
 
     # A runner rather than the app, to get handler cancellation as in the single-process server.
     return web.AppRunner(create_app(cfg), handler_cancellation=True, shutdown_timeout=cfg.drain_timeout_s + 5,
-                         access_log=logging.getLogger("aiohttp.access"))
+                         keepalive_timeout=cfg.keepalive_timeout_s, access_log=logging.getLogger("aiohttp.access"))
 
 
 def serve_gunicorn(cfg: ServerConfig) -> None:

@@ -12,6 +12,7 @@ trainer.
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from aiohttp import web
 
@@ -19,7 +20,11 @@ from collafuse.spool import BATCH_ID, SpoolFull
 from collafuse_edge.errors import ProtocolError
 from collafuse_edge.protocol import H_BATCH_ID, H_LABELS, H_LEVEL, NPY_CONTENT_TYPE, decode_tensor
 
+from .auth import charge
 from .errors import ApiError
+from .middleware import read_body
+
+log = logging.getLogger("collafuse.server")
 
 TRAINER = web.AppKey("collafuse_trainer", object)  # collafuse.server_training.ServerTrainer
 
@@ -70,7 +75,8 @@ async def v1_train(request: web.Request) -> web.Response:
     if level != grant.handoff_level:
         raise ApiError(403, "wrong_level", f"this token is bound to handoff level {grant.handoff_level}; "
                        f"the batch says {level}")
-    raw = await request.read()
+    charge(grant, 0)  # the token's requests_per_minute covers uploads too (429 with Retry-After)
+    raw = await read_body(request)  # 413 beyond the body limit, 408 for a stalled body
     try:
         x = decode_tensor(raw, max_bytes=s.config.max_train_body_bytes, dtype="float32", ndim=4,
                           shape_tail=s.sample_shape, require_finite=True)
@@ -85,6 +91,11 @@ async def v1_train(request: web.Request) -> web.Response:
             None, trainer.spool.put, grant.client, batch_id, level, x, labels)
     except SpoolFull as e:
         raise ApiError(429, "queue_full", str(e), {"Retry-After": "2"}) from None
+    except OSError as e:  # disk full / read-only: nothing was acknowledged, the client retries later
+        log.error("cannot spool upload %r of %s: %s", batch_id, grant.name, e)
+        raise ApiError(503, "storage_unavailable", "the server cannot store uploads right now (its disk "
+                       f"refused the write: {e.strerror or type(e).__name__}); retry later",
+                       {"Retry-After": "10"}) from None
     if not new:
         raise ApiError(409, "duplicate_batch", f"batch {batch_id!r} was already accepted; it is not trained twice")
     return web.json_response({"accepted": True, "batch_id": batch_id, "rows": rows,
