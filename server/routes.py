@@ -46,6 +46,8 @@ async def read_json(request: web.Request):
         return json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise bad_request(f"the body is not valid JSON: {e}", "malformed_json") from None
+    except RecursionError:  # "[[[[…" a few thousand deep: the C decoder gives up, not a 500
+        raise bad_request("the body is not valid JSON: nested too deeply", "malformed_json") from None
 
 
 # ---------------------------------------------------------------------------------------------
