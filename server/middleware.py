@@ -124,4 +124,7 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
                 request.transport.abort()
         except ConnectionError:
             pass  # the client went away; aiohttp's own write below sees the same and logs nothing
+        else:
+            if resp.status == 408 and request.transport is not None:
+                request.transport.close()  # flushes the 408, then closes: no lingering on the stalled body
     return resp

@@ -145,6 +145,8 @@ class ServerClient:
         self._session = session
         self._owns_session = session is None
         self._info: ServerInfo | None = None
+        self.requests = 0  # HTTP attempts made (for logs/tests: retries = requests - calls)
+        self.retries = 0  # attempts that were repeats after a connection error, timeout, 5xx or 429
 
     async def __aenter__(self) -> "ServerClient":
         self._ensure_session()
@@ -185,6 +187,8 @@ class ServerClient:
         attempts = self.config.retries + 1
         for attempt in range(attempts):
             last = attempt == attempts - 1
+            self.requests += 1
+            self.retries += attempt > 0
             try:
                 async with session.request(method, url, json=body, headers=headers) as resp:
                     data = await resp.read()
@@ -202,12 +206,37 @@ class ServerClient:
                             raise err
                         delay = max(delay, retry_after)
             except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as e:
-                if last:
-                    raise ServerError(f"could not reach the server at {self.config.url} after {attempts} "
-                                      f"attempts: {type(e).__name__}: {e}") from e
+                if last or isinstance(e, aiohttp.ClientSSLError) and not self._maybe_transient_tls(e):
+                    raise ServerError(f"could not reach the server at {self.config.url} after {attempt + 1} "
+                                      f"attempts: {type(e).__name__}: {e}{self._hint(e)}") from e
                 delay = self._delay(attempt)
             await asyncio.sleep(delay)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    @staticmethod
+    def _maybe_transient_tls(e: Exception) -> bool:
+        """A TLS failure worth retrying? A wrong scheme or an untrusted certificate never heals."""
+        text = str(e).lower()
+        return not any(w in text for w in ("wrong_version_number", "certificate", "record layer", "wrong version"))
+
+    def _hint(self, e: Exception) -> str:
+        """What a connection failure most likely means, in words."""
+        https = self.config.url.startswith("https://")
+        if isinstance(e, aiohttp.ClientSSLError):
+            text = str(e).lower()
+            if https and ("wrong_version_number" in text or "record layer" in text or "wrong version" in text):
+                return (" — the server answered in plain HTTP, not TLS: use an http:// URL, or start the server "
+                        "with --tls-cert/--tls-key")
+            if "certificate" in text:
+                return " — the server's TLS certificate is not trusted: give ClientConfig(ca_file=PEM) for a self-signed one"
+            return ""
+        if isinstance(e, aiohttp.ServerDisconnectedError) and not https:
+            return (" — the server closed the connection without an answer: if it serves HTTPS, use an https:// "
+                    "URL; otherwise it may have crashed or restarted")
+        if isinstance(e, asyncio.TimeoutError):
+            return (f" — no answer within read_timeout_s={self.config.read_timeout_s:g} s "
+                    f"(connect_timeout_s={self.config.connect_timeout_s:g} s)")
+        return ""
 
     # -- API -------------------------------------------------------------------------------
 
