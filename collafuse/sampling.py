@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from collafuse_edge.noise import initial_noise, step_noise
+from collafuse_edge.noise import StepNoiseAhead, initial_noise
 from collafuse_edge.schedule import (
     Schedule,
     Timetable,
@@ -60,12 +60,13 @@ def run_levels(
     B = x.shape[0]
     lab = _labels(labels, B, x.device)
     it = timetable.pairs()
+    noise_for = StepNoiseAhead(seed, tuple(x.shape), [t for t, _ in it if needs_noise(sampler, t, eta)])
     for t, prev in tqdm(it, desc=desc, disable=not progress, leave=False):
         tt = torch.full((B,), t, dtype=torch.long, device=x.device)
         eps = denoise(model, x, tt, lab).to(x.dtype)
         noise = None
         if needs_noise(sampler, t, eta):
-            noise = torch.from_numpy(step_noise(seed, t, tuple(x.shape))).to(x.device, x.dtype)
+            noise = torch.from_numpy(noise_for(t)).to(x.device, x.dtype)
         x = step(sampler, schedule, x, eps, t, prev, noise, eta)
     return x
 

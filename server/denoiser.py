@@ -47,6 +47,9 @@ class AccelConfig:
     precision: str = "fp32"  # "fp32" | "bf16" | "fp16" (autocast; fp16 on CUDA only)
     compile: bool = False
     cuda_graphs: bool = False
+    # torch.compile mode; on CUDA "max-autotune-no-cudagraphs" tunes kernels per bucket (minutes
+    # of warm-up, fastest steps) and leaves graph capture to ``cuda_graphs``; "default" compiles fast.
+    compile_mode: str = "max-autotune-no-cudagraphs"
 
     @property
     def padded(self) -> bool:
@@ -67,7 +70,8 @@ class TorchDenoiser:
     Not thread-safe: the engine calls it from its single worker thread.
     """
 
-    def __init__(self, model: torch.nn.Module, device: torch.device, accel: AccelConfig, max_rows: int):
+    def __init__(self, model: torch.nn.Module, device: torch.device, accel: AccelConfig, max_rows: int,
+                 bucket_sizes: tuple[int, ...] | None = None):
         if accel.cuda_graphs and device.type != "cuda":
             raise ServerConfigError("cuda_graphs needs a CUDA device; drop --cuda-graphs or use --device cuda")
         if accel.precision == "fp16" and device.type != "cuda":
@@ -79,11 +83,14 @@ class TorchDenoiser:
         self.conditional = getattr(model.config, "num_class_embeds", None) is not None
         cfg = model.config
         self.sample_shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
-        self.buckets = buckets(max_rows) if accel.padded else ()
+        if bucket_sizes is not None and (not bucket_sizes or max(bucket_sizes) != max_rows
+                                         or any(b < 1 for b in bucket_sizes)):
+            raise ServerConfigError(f"bucket sizes {bucket_sizes} must be positive and end at max_rows {max_rows}")
+        self.buckets = (tuple(sorted(set(bucket_sizes))) if bucket_sizes else buckets(max_rows)) if accel.padded else ()
         self._forward = self._eager
         if accel.compile:
             # mode "max-autotune-no-cudagraphs": we capture graphs ourselves when asked to.
-            self._compiled = torch.compile(self._eager, dynamic=False, mode="max-autotune-no-cudagraphs"
+            self._compiled = torch.compile(self._eager, dynamic=False, mode=accel.compile_mode
                                            if device.type == "cuda" else None)
             self._forward = self._compiled
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]] = {}

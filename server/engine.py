@@ -10,6 +10,12 @@ own timetable (levels T-1 … k for its client's k, optionally DDIM-thinned). Th
 4. per-row DDPM/DDIM step with each job's own keyed noise ``step_noise(seed, level, shape)``;
 5. finished jobs get their handoff sample; new jobs join before the next step.
 
+The worker runs several steps per hop off the event loop while nothing changes (no job finished,
+none waiting, none cancelled; at most ``MAX_STEPS_PER_HOP`` and ``MAX_HOP_S``), so a lone request
+does not pay a thread hop per level. The keyed noise is counter-based (Philox, see
+:mod:`collafuse_edge.noise`): the engine computes it on the model's device, for every job that
+needs more, a block of levels ahead (≤ ``noise_budget`` bytes) in one vectorised call.
+
 Because a job's noise depends only on its seed, level and shape, and the model treats rows
 independently, a job gets the same tensor batched with others as served alone, and the same as
 ``collafuse.sampling.split_sample`` with that seed (up to float round-off of batched kernels).
@@ -30,12 +36,16 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from collafuse_edge.noise import initial_noise, step_noise
+from collafuse_edge.noise import PURPOSE_INITIAL, PURPOSE_STEP, keyed_normal
 from collafuse_edge.schedule import Schedule, needs_noise, server_timetable, step
 
 from .errors import EngineBusy, EngineClosed, ServerError
 
 log = logging.getLogger("collafuse.server")
+
+MAX_STEPS_PER_HOP = 64  # steps the worker runs before it returns to the event loop anyway
+MAX_HOP_S = 0.05  # … or after this long, so metrics and cancellations stay fresh
+MAX_NOISE_AHEAD = 64  # levels of step noise computed ahead per job
 
 
 @dataclass(frozen=True)
@@ -78,6 +88,8 @@ class _Job:
     x: torch.Tensor | None = None  # current sample on the device
     labels: torch.Tensor | None = None
     result: np.ndarray | None = field(default=None, repr=False)
+    noise_levels: list[int] = field(default_factory=list)  # levels still to draw noise for, in order
+    noise: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)  # drawn ahead
 
     @property
     def n(self) -> int:
@@ -103,6 +115,7 @@ class StepEngine:
         max_batch_rows: int = 256,
         max_queue: int = 1024,
         metrics: Metrics | None = None,
+        noise_budget: int = 64 * 2**20,
     ):
         self.denoise = denoise
         self.schedule = schedule
@@ -113,6 +126,7 @@ class StepEngine:
         self.max_batch_rows = max_batch_rows
         self.max_queue = max_queue
         self.metrics = metrics
+        self.noise_budget = noise_budget
         self._waiting: collections.deque[_Job] = collections.deque()
         self._active: list[_Job] = []
         self._wake = asyncio.Event()
@@ -227,9 +241,8 @@ class StepEngine:
                 await self._wake.wait()
                 continue
             batch = list(self._active)
-            t0 = time.perf_counter()
             try:
-                rows = await loop.run_in_executor(self._executor, self._step, batch)
+                steps = await loop.run_in_executor(self._executor, self._run_steps, batch)
             except Exception as e:  # a broken model or device: fail this batch, keep serving
                 log.exception("engine step failed for %d requests", len(batch))
                 for j in batch:
@@ -237,8 +250,9 @@ class StepEngine:
                         j.future.set_exception(ServerError(f"the server failed to compute the handoff: {e}"))
                 self._active = [j for j in self._active if j not in batch]
                 continue
-            if self.metrics is not None and rows:
-                self.metrics.observe_step(rows, len(batch), time.perf_counter() - t0)
+            if self.metrics is not None:
+                for rows, requests, seconds in steps:
+                    self.metrics.observe_step(rows, requests, seconds)
             keep = []
             for j in self._active:
                 if j.future.done():  # cancelled by its caller: drop it
@@ -251,17 +265,52 @@ class StepEngine:
 
     # -- one step (worker thread) --------------------------------------------------------------
 
-    def _start(self, j: _Job) -> None:
-        j.x = torch.from_numpy(initial_noise(j.spec.seed, j.shape)).to(self.device)
-        if self.conditional:
-            j.labels = torch.from_numpy(np.ascontiguousarray(j.spec.labels, dtype=np.int64)).to(self.device)
+    def _run_steps(self, jobs: list[_Job]) -> list[tuple[int, int, float]]:
+        """Steps for ``jobs`` until one finishes, a job waits or is cancelled, or the hop's
+        budget is spent; returns (rows, requests, seconds) per step."""
+        out = []
+        t_hop = time.perf_counter()
+        while True:
+            t0 = time.perf_counter()
+            rows = self._step(jobs)
+            out.append((rows, len(jobs), time.perf_counter() - t0))
+            if (not rows or any(j.finished or j.future.done() for j in jobs)
+                    or (self._waiting and self.batching) or len(out) >= MAX_STEPS_PER_HOP
+                    or time.perf_counter() - t_hop >= MAX_HOP_S):
+                return out
+
+    def _to_device(self, a: np.ndarray) -> torch.Tensor:
+        """A host array on the model's device; on an accelerator through pinned memory, so the
+        copy does not wait for the kernels already queued."""
+        t = torch.from_numpy(np.ascontiguousarray(a))
+        if self.device.type == "cpu":
+            return t
+        return t.pin_memory().to(self.device, non_blocking=True)
+
+    def _start(self, jobs: list[_Job]) -> None:
+        """x_{T-1} (the keyed initial noise) for new jobs, computed in one call."""
+        numel = int(np.prod(self.sample_shape))
+        seeds = np.concatenate([np.full(j.n, j.spec.seed, np.int64) for j in jobs])
+        rows = np.concatenate([np.arange(j.n, dtype=np.int64) for j in jobs])
+        if self.device.type == "cpu":
+            z = torch.from_numpy(keyed_normal(seeds, rows * 0, rows, numel, PURPOSE_INITIAL))
+        else:  # the same numbers, computed on the device
+            ids = self._to_device(np.stack([seeds, rows]))
+            z = keyed_normal(ids[0], ids[1] * 0, ids[1], numel, PURPOSE_INITIAL)
+        a = 0
+        for j in jobs:
+            j.x = z[a:a + j.n].reshape(j.shape)
+            a += j.n
+            if self.conditional:
+                j.labels = self._to_device(np.asarray(j.spec.labels, dtype=np.int64))
+            j.noise_levels = [t for t, _ in j.pairs if needs_noise(j.spec.sampler, t, j.spec.eta)]
 
     @torch.no_grad()
     def _step(self, jobs: list[_Job]) -> int:
         """One forward + one step for every unfinished job; returns the number of rows computed."""
-        for j in jobs:
-            if j.x is None:
-                self._start(j)
+        new = [j for j in jobs if j.x is None]
+        if new:
+            self._start(new)
         live = [j for j in jobs if j.i < len(j.pairs)]
         if live:
             ns = [j.n for j in live]
@@ -271,7 +320,7 @@ class StepEngine:
             labels = None
             if self.conditional:
                 labels = live[0].labels if len(live) == 1 else torch.cat([j.labels for j in live])
-            eps = self.denoise(x, torch.from_numpy(t).to(self.device), labels)
+            eps = self.denoise(x, self._to_device(t), labels)
             noise = self._noise(live)  # on CUDA this overlaps the forward still running on the GPU
             x = self._apply(live, x, eps.to(x.dtype), t, prev, noise)
             a = 0
@@ -287,12 +336,46 @@ class StepEngine:
 
     def _noise(self, live: list[_Job]) -> torch.Tensor | None:
         """Each job's keyed step noise, stacked like the batch; None when no row needs noise."""
-        needed = [needs_noise(j.spec.sampler, j.pairs[j.i][0], j.spec.eta) for j in live]
+        levels = [j.pairs[j.i][0] for j in live]
+        needed = [bool(j.noise_levels) and j.noise_levels[0] == lv for j, lv in zip(live, levels)]
         if not any(needed):
             return None
-        parts = [step_noise(j.spec.seed, j.pairs[j.i][0], j.shape) if need
-                 else np.zeros(j.shape, dtype=np.float32) for j, need in zip(live, needed)]
-        return torch.from_numpy(np.concatenate(parts)).to(self.device)
+        self._draw_ahead([j for j, lv, need in zip(live, levels, needed) if need and lv not in j.noise])
+        parts = []
+        for j, lv, need in zip(live, levels, needed):
+            if need:
+                j.noise_levels.pop(0)
+                parts.append(j.noise.pop(lv))
+            else:
+                parts.append(torch.zeros(j.shape, device=self.device))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def _draw_ahead(self, jobs: list[_Job]) -> None:
+        """Keyed step noise for the next levels of ``jobs``, in one vectorised call."""
+        if not jobs:
+            return
+        numel = int(np.prod(self.sample_shape))
+        rows = sum(j.n for j in jobs)
+        ahead = int(max(1, min(MAX_NOISE_AHEAD, self.noise_budget // (rows * numel * 4))))
+        seeds, lvs, idx, plan = [], [], [], []
+        for j in jobs:
+            take = j.noise_levels[:ahead]
+            plan.append((j, take))
+            for lv in take:
+                seeds += [j.spec.seed] * j.n
+                lvs += [lv] * j.n
+                idx += range(j.n)
+        if self.device.type == "cpu":
+            z = torch.from_numpy(keyed_normal(np.array(seeds, np.int64), np.array(lvs, np.int64),
+                                              np.array(idx, np.int64), numel, PURPOSE_STEP))
+        else:
+            ids = self._to_device(np.array([seeds, lvs, idx], dtype=np.int64))
+            z = keyed_normal(ids[0], ids[1], ids[2], numel, PURPOSE_STEP)
+        a = 0
+        for j, take in plan:
+            for lv in take:
+                j.noise[lv] = z[a:a + j.n].reshape(j.shape)
+                a += j.n
 
     def _apply(self, live: list[_Job], x, eps, t, prev, noise):
         """Per-row steps; jobs with different samplers are stepped in groups of rows."""

@@ -19,7 +19,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from .errors import InputError
-from .noise import step_noise
+from .noise import StepNoiseAhead
 from .schedule import SAMPLERS, Schedule, Timetable, client_timetable, needs_noise
 
 # ε̂ = denoise(sample [B,C,H,W] f32, timestep [B] i64, class_labels [B] i64 | None) → [B,C,H,W] f32
@@ -122,23 +122,6 @@ def apply_step(p: PlannedStep, schedule: Schedule, x: np.ndarray, eps: np.ndarra
     return out
 
 
-class _NoiseAhead:
-    """The keyed step noise of a loop's levels, drawn a block of levels ahead (≤ ``budget``
-    bytes): drawn between two model calls, on cold caches, a draw costs several times more."""
-
-    def __init__(self, seed: int, shape: tuple[int, ...], levels: list[int], budget: int = 4 * 2**20):
-        self.seed, self.shape, self.levels = seed, shape, levels
-        self.block = max(1, budget // max(1, int(np.prod(shape)) * 4))
-        self.next, self.cache = 0, {}
-
-    def __call__(self, level: int) -> np.ndarray:
-        if level not in self.cache:
-            ahead = self.levels[self.next:self.next + self.block]
-            self.cache = {lv: step_noise(self.seed, lv, self.shape) for lv in ahead}
-            self.next += len(ahead)
-        return self.cache.pop(level)
-
-
 def run_levels(
     denoise: DenoiseFn,
     schedule: Schedule,
@@ -158,7 +141,7 @@ def run_levels(
     """
     B = x.shape[0]
     plan = plan_steps(schedule, timetable, sampler, eta)
-    noise_for = _NoiseAhead(seed, x.shape, [p.t for p in plan if p.draws_noise])
+    noise_for = StepNoiseAhead(seed, x.shape, [p.t for p in plan if p.draws_noise])
     for i, p in enumerate(plan):
         eps = denoise(x, np.full(B, p.t, dtype=np.int64), labels)
         noise = noise_for(p.t) if p.draws_noise else None

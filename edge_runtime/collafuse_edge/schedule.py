@@ -72,7 +72,12 @@ def _coef(values: np.ndarray, like: Any) -> Any:
     shape = (-1,) + (1,) * (like.ndim - 1)
     if isinstance(like, np.ndarray):
         return values.astype(like.dtype, copy=False).reshape(shape)
-    return like.new_tensor(values).reshape(shape)  # torch.Tensor: same dtype and device
+    if like.device.type == "cpu":
+        return like.new_tensor(values).reshape(shape)  # torch.Tensor: same dtype and device
+    # An accelerator: a copy from pinned memory does not wait for the kernels queued before it
+    # (a pageable copy synchronises the stream, which would serialise host and device per step).
+    host = like.new_tensor(values, device="cpu").pin_memory()
+    return host.to(like.device, non_blocking=True).reshape(shape)
 
 
 def _as_levels(t: Any, batch: int, name: str) -> np.ndarray:

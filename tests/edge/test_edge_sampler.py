@@ -119,10 +119,10 @@ def test_planned_steps_equal_the_schedule_step_bit_for_bit(schedule, sampler, st
 
 
 def test_noise_drawn_ahead_is_the_keyed_noise():
-    from collafuse_edge.sampler import _NoiseAhead
+    from collafuse_edge.noise import StepNoiseAhead
 
     levels = list(range(9, 0, -1))
-    ahead = _NoiseAhead(3, (2, 1, 4, 4), levels, budget=3 * 2 * 16 * 4)  # blocks of 3 levels
+    ahead = StepNoiseAhead(3, (2, 1, 4, 4), levels, budget=3 * 2 * 16 * 4)  # blocks of 3 levels
     assert ahead.block == 3
     for lv in levels:
         assert np.array_equal(ahead(lv), step_noise(3, lv, (2, 1, 4, 4)))
