@@ -9,7 +9,7 @@ TORCH_PIN ?= torch==2.13.0
 # 20 s vs 2.2 s per demo training step next to one busy process); sleeping costs nothing alone.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: demo test test-core test-edge-alone venv clean
+.PHONY: demo test test-core test-edge-alone venv clean audit
 
 $(VENV)/.installed.stamp: pyproject.toml edge_runtime/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,8 +32,14 @@ test-core: venv
 test-edge-alone:
 	rm -rf $(EDGE_VENV)
 	$(PYTHON) -m venv $(EDGE_VENV)
-	$(EDGE_VENV)/bin/python -m pip install -q "./edge_runtime[cpu,png]" pytest pytest-aiohttp
+	$(EDGE_VENV)/bin/python -m pip install -q "./edge_runtime[cpu,png]" pytest pytest-aiohttp hypothesis
 	cd tests/edge && ../../$(EDGE_VENV)/bin/python -m pytest -q -p no:cacheprovider --rootdir=. -c /dev/null -o asyncio_mode=auto -o asyncio_default_fixture_loop_scope=function . || [ $$? -eq 5 ]
+
+# Dependency audit of .venv with pip-audit (PyPI's vulnerability data). Exit 1 = known
+# vulnerabilities; an unreachable/ignorant service only warns (AUDIT_STRICT=1: exit 2). See .ci/audit.py.
+audit: venv
+	$(PY) -m pip_audit --version >/dev/null 2>&1 || $(PY) -m pip install -q pip-audit
+	$(PY) .ci/audit.py
 
 clean:
 	rm -rf $(VENV) $(EDGE_VENV) demo-out
