@@ -300,11 +300,13 @@ def parse_manifest(doc: Any, where: Path) -> dict:
     sched_raw = _get(doc, "schedule", dict, where)
     try:
         schedule = Schedule.from_dict(sched_raw)
-    except ScheduleError as e:
+    except (ScheduleError, TypeError, ValueError, OverflowError) as e:  # e.g. num_train_timesteps "x", [1], 1e999
         raise _fail(where, f"schedule is invalid: {e}") from e
+    if not math.isfinite(schedule.clip_sample_range):
+        raise _fail(where, f"schedule is invalid: clip_sample_range must be finite, got {schedule.clip_sample_range}")
     cut = _get(doc, "cut_ratio", (int, float), where)
-    if not (0.0 < float(cut) <= 1.0) or math.isnan(float(cut)):
-        raise _fail(where, f"cut_ratio must lie in (0, 1] for a client bundle, got {cut}")
+    if not (0.0 < cut <= 1.0):  # NaN fails too; no float() first: a 400-digit int would overflow it
+        raise _fail(where, f"cut_ratio must lie in (0, 1] for a client bundle, got {cut!r:.40}")
     k = client_level_count(float(cut), schedule.T)
     if k < 1:
         raise _fail(where, f"cut_ratio {cut} leaves the client no level at T={schedule.T}")
@@ -360,8 +362,8 @@ def load_bundle(path: str | os.PathLike, *, verify_hashes: bool = True) -> Bundl
         raise _fail(where, f"{MANIFEST_NAME} is {size} bytes, over the {_MAX_MANIFEST_BYTES} byte limit")
     try:
         doc = json.loads(mpath.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise _fail(where, f"{MANIFEST_NAME} is not valid JSON ({e}); the file is corrupted") from e
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # ValueError: also a 5000-digit int
+        raise _fail(where, f"{MANIFEST_NAME} is not valid JSON ({str(e)[:200]}); the file is corrupted") from e
     fields = parse_manifest(doc, where)
     verify_files(where, fields["files"], hashes=verify_hashes)
     model_file = where / fields.pop("model_file")

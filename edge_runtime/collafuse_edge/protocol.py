@@ -107,7 +107,8 @@ def decode_tensor(
         raise ProtocolError(
             f"tensor header declares shape {tuple(shape)} ({nbytes} bytes) but {payload} bytes follow"
         )
-    arr = np.frombuffer(data, dtype=dt, offset=buf.tell()).reshape(shape).copy()
+    # a copy in native byte order: ">f4" is named float32 too, but torch.from_numpy refuses it
+    arr = np.frombuffer(data, dtype=dt, offset=buf.tell()).reshape(shape).astype(dt.newbyteorder("="))
     if require_finite and arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
         raise ProtocolError("tensor contains NaN or Inf values")
     return arr
