@@ -5,6 +5,8 @@ A config file (``collafuse serve --run DIR --config server.toml``)::
     [server]                      # optional; any ServerConfig field except run_dir/tokens
     max_n = 64
     max_batch_rows = 256
+    body_timeout_s = 60           # slow peers: also keepalive_timeout_s, send_timeout_s (docs/reliability.md)
+    token_reload_s = 5            # re-read [[tokens]] when this file changes (and on SIGHUP); 0 = SIGHUP only
 
     [[tokens]]
     name = "hospital-a"           # shown in logs and metrics (the token itself never is)
