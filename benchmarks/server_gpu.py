@@ -52,6 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batches", default="1,16,64,256,1024", help="batch sizes for part 1")
     p.add_argument("--concurrency", default="1,16,64,256", help="concurrent requests for part 2")
     p.add_argument("--engine-variant", default="auto", help="variant for part 2; auto = fastest at B=256")
+    p.add_argument("--check-variant", default="", help="variant for part 0's batched-vs-alone check "
+                   "(default: the engine's)")
     p.add_argument("--timesteps", type=int, default=1000)
     p.add_argument("--cut-ratio", type=float, default=0.6)
     p.add_argument("--preset", default="server", help="model preset: tiny | client | server")
@@ -301,9 +303,10 @@ def main(argv=None) -> int:
         cand = [r for r in ok if r["batch"] == target]
         variant = max(cand, key=lambda r: r["img_steps_per_s"])["variant"] if cand else "eager-fp32"
 
-    print(f"\npart 0: correctness on {device.type} (fast path {variant})", flush=True)
+    print(f"\npart 0: correctness on {device.type} (fast path {args.check_variant or variant})", flush=True)
     try:
-        doc["correctness"] = asyncio.run(check_correctness(torch, device, variant, args.compile_mode))
+        doc["correctness"] = asyncio.run(check_correctness(torch, device, args.check_variant or variant,
+                                                           args.compile_mode))
     except Exception as e:
         print(f"  failed: {type(e).__name__}: {e}", flush=True)
         doc["correctness"] = {"error": f"{type(e).__name__}: {e}"}

@@ -45,7 +45,6 @@ log = logging.getLogger("collafuse.server")
 
 MAX_STEPS_PER_HOP = 64  # steps the worker runs before it returns to the event loop anyway
 MAX_HOP_S = 0.05  # … or after this long, so metrics and cancellations stay fresh
-MAX_NOISE_AHEAD = 64  # levels of step noise computed ahead per job
 
 
 @dataclass(frozen=True)
@@ -88,8 +87,8 @@ class _Job:
     x: torch.Tensor | None = None  # current sample on the device
     labels: torch.Tensor | None = None
     result: np.ndarray | None = field(default=None, repr=False)
-    noise_levels: list[int] = field(default_factory=list)  # levels still to draw noise for, in order
-    noise: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)  # drawn ahead
+    table: np.ndarray | None = field(default=None, repr=False)  # [L, 2] (t, prev) per step
+    noisy: np.ndarray | None = field(default=None, repr=False)  # [L] bool: the step draws noise
 
     @property
     def n(self) -> int:
@@ -265,20 +264,6 @@ class StepEngine:
 
     # -- one step (worker thread) --------------------------------------------------------------
 
-    def _run_steps(self, jobs: list[_Job]) -> list[tuple[int, int, float]]:
-        """Steps for ``jobs`` until one finishes, a job waits or is cancelled, or the hop's
-        budget is spent; returns (rows, requests, seconds) per step."""
-        out = []
-        t_hop = time.perf_counter()
-        while True:
-            t0 = time.perf_counter()
-            rows = self._step(jobs)
-            out.append((rows, len(jobs), time.perf_counter() - t0))
-            if (not rows or any(j.finished or j.future.done() for j in jobs)
-                    or (self._waiting and self.batching) or len(out) >= MAX_STEPS_PER_HOP
-                    or time.perf_counter() - t_hop >= MAX_HOP_S):
-                return out
-
     def _to_device(self, a: np.ndarray) -> torch.Tensor:
         """A host array on the model's device; on an accelerator through pinned memory, so the
         copy does not wait for the kernels already queued."""
@@ -287,95 +272,94 @@ class StepEngine:
             return t
         return t.pin_memory().to(self.device, non_blocking=True)
 
-    def _start(self, jobs: list[_Job]) -> None:
-        """x_{T-1} (the keyed initial noise) for new jobs, computed in one call."""
+    def _keyed(self, seeds: np.ndarray, levels: np.ndarray, rows: np.ndarray, purpose: int) -> torch.Tensor:
+        """Keyed normals ``[R, C·H·W]`` on the model's device (numpy on a CPU, torch elsewhere:
+        the same numbers)."""
         numel = int(np.prod(self.sample_shape))
+        if self.device.type == "cpu":
+            return torch.from_numpy(keyed_normal(seeds, levels, rows, numel, purpose))
+        ids = self._to_device(np.stack([seeds, levels, rows]).astype(np.int64))
+        return keyed_normal(ids[0], ids[1], ids[2], numel, purpose)
+
+    def _start(self, jobs: list[_Job]) -> None:
+        """x_{T-1} (the keyed initial noise) for new jobs, in one call, and their step tables."""
         seeds = np.concatenate([np.full(j.n, j.spec.seed, np.int64) for j in jobs])
         rows = np.concatenate([np.arange(j.n, dtype=np.int64) for j in jobs])
-        if self.device.type == "cpu":
-            z = torch.from_numpy(keyed_normal(seeds, rows * 0, rows, numel, PURPOSE_INITIAL))
-        else:  # the same numbers, computed on the device
-            ids = self._to_device(np.stack([seeds, rows]))
-            z = keyed_normal(ids[0], ids[1] * 0, ids[1], numel, PURPOSE_INITIAL)
+        z = self._keyed(seeds, rows * 0, rows, PURPOSE_INITIAL)
         a = 0
         for j in jobs:
             j.x = z[a:a + j.n].reshape(j.shape)
             a += j.n
             if self.conditional:
                 j.labels = self._to_device(np.asarray(j.spec.labels, dtype=np.int64))
-            j.noise_levels = [t for t, _ in j.pairs if needs_noise(j.spec.sampler, t, j.spec.eta)]
+            j.table = np.array(j.pairs, dtype=np.int64).reshape(-1, 2)
+            j.noisy = np.array([needs_noise(j.spec.sampler, int(t), j.spec.eta) for t in j.table[:, 0]], bool)
 
     @torch.no_grad()
-    def _step(self, jobs: list[_Job]) -> int:
-        """One forward + one step for every unfinished job; returns the number of rows computed."""
+    def _run_steps(self, jobs: list[_Job]) -> list[tuple[int, int, float]]:
+        """Up to S steps for ``jobs`` as one batch, S = the fewest steps any job has left (≤
+        ``MAX_STEPS_PER_HOP``, and within the noise budget): the batch is stacked once, the
+        levels and the keyed noise of all S steps are computed in one go. Stops early when a job
+        waits to join or the hop's time is spent. Returns (rows, requests, seconds) per step."""
         new = [j for j in jobs if j.x is None]
         if new:
             self._start(new)
         live = [j for j in jobs if j.i < len(j.pairs)]
+        out: list[tuple[int, int, float]] = []
         if live:
-            ns = [j.n for j in live]
-            t = np.repeat(np.array([j.pairs[j.i][0] for j in live], dtype=np.int64), ns)
-            prev = np.repeat(np.array([j.pairs[j.i][1] for j in live], dtype=np.int64), ns)
-            x = live[0].x if len(live) == 1 else torch.cat([j.x for j in live])
-            labels = None
-            if self.conditional:
-                labels = live[0].labels if len(live) == 1 else torch.cat([j.labels for j in live])
-            eps = self.denoise(x, self._to_device(t), labels)
-            noise = self._noise(live)  # on CUDA this overlaps the forward still running on the GPU
-            x = self._apply(live, x, eps.to(x.dtype), t, prev, noise)
-            a = 0
-            for j in live:
-                j.x = x[a:a + j.n]
-                j.i += 1
-                a += j.n
-            self.steps_run += 1
+            out = self._hop(live)
         for j in jobs:
             if j.finished and j.result is None:
                 j.result = j.x.float().cpu().numpy()
-        return int(sum(j.n for j in live))
+        return out
 
-    def _noise(self, live: list[_Job]) -> torch.Tensor | None:
-        """Each job's keyed step noise, stacked like the batch; None when no row needs noise."""
-        levels = [j.pairs[j.i][0] for j in live]
-        needed = [bool(j.noise_levels) and j.noise_levels[0] == lv for j, lv in zip(live, levels)]
-        if not any(needed):
-            return None
-        self._draw_ahead([j for j, lv, need in zip(live, levels, needed) if need and lv not in j.noise])
-        parts = []
-        for j, lv, need in zip(live, levels, needed):
-            if need:
-                j.noise_levels.pop(0)
-                parts.append(j.noise.pop(lv))
-            else:
-                parts.append(torch.zeros(j.shape, device=self.device))
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-    def _draw_ahead(self, jobs: list[_Job]) -> None:
-        """Keyed step noise for the next levels of ``jobs``, in one vectorised call."""
-        if not jobs:
-            return
+    def _hop(self, live: list[_Job]) -> list[tuple[int, int, float]]:
+        t_hop = time.perf_counter()
+        ns = [j.n for j in live]
+        R = sum(ns)
         numel = int(np.prod(self.sample_shape))
-        rows = sum(j.n for j in jobs)
-        ahead = int(max(1, min(MAX_NOISE_AHEAD, self.noise_budget // (rows * numel * 4))))
-        seeds, lvs, idx, plan = [], [], [], []
-        for j in jobs:
-            take = j.noise_levels[:ahead]
-            plan.append((j, take))
-            for lv in take:
-                seeds += [j.spec.seed] * j.n
-                lvs += [lv] * j.n
-                idx += range(j.n)
-        if self.device.type == "cpu":
-            z = torch.from_numpy(keyed_normal(np.array(seeds, np.int64), np.array(lvs, np.int64),
-                                              np.array(idx, np.int64), numel, PURPOSE_STEP))
-        else:
-            ids = self._to_device(np.array([seeds, lvs, idx], dtype=np.int64))
-            z = keyed_normal(ids[0], ids[1], ids[2], numel, PURPOSE_STEP)
+        S = min(min(len(j.pairs) - j.i for j in live), MAX_STEPS_PER_HOP,
+                max(1, self.noise_budget // (R * numel * 4)))
+        # [S, R] levels of every row at each step of the hop, and which (step, row) draw noise
+        t_tab = np.concatenate([np.repeat(j.table[j.i:j.i + S, :1], j.n, 1) for j in live], 1)
+        p_tab = np.concatenate([np.repeat(j.table[j.i:j.i + S, 1:], j.n, 1) for j in live], 1)
+        noisy = np.concatenate([np.repeat(j.noisy[j.i:j.i + S, None], j.n, 1) for j in live], 1)
+        noise = None
+        if noisy.any():
+            seeds = np.concatenate([np.full(j.n, j.spec.seed, np.int64) for j in live])
+            rows = np.concatenate([np.arange(j.n, dtype=np.int64) for j in live])
+            si, ri = np.nonzero(noisy)
+            z = self._keyed(seeds[ri], t_tab[si, ri], rows[ri], PURPOSE_STEP)
+            if noisy.all():
+                noise = z.reshape(S, R, *self.sample_shape)
+            else:
+                noise = torch.zeros((S * R, numel), device=self.device, dtype=z.dtype)
+                noise[self._to_device(si * R + ri)] = z
+                noise = noise.reshape(S, R, *self.sample_shape)
+        t_dev = self._to_device(t_tab)
+        x = live[0].x if len(live) == 1 else torch.cat([j.x for j in live])
+        labels = None
+        if self.conditional:
+            labels = live[0].labels if len(live) == 1 else torch.cat([j.labels for j in live])
+        out = []
+        done = 0
+        while done < S:
+            t0 = time.perf_counter()
+            eps = self.denoise(x, t_dev[done], labels)
+            nz = None if noise is None or not noisy[done].any() else noise[done]
+            x = self._apply(live, x, eps.to(x.dtype), t_tab[done], p_tab[done], nz)
+            done += 1
+            self.steps_run += 1
+            out.append((R, len(live), time.perf_counter() - t0))
+            if (self._waiting and self.batching) or time.perf_counter() - t_hop >= MAX_HOP_S \
+                    or any(j.future.done() for j in live):
+                break
         a = 0
-        for j, take in plan:
-            for lv in take:
-                j.noise[lv] = z[a:a + j.n].reshape(j.shape)
-                a += j.n
+        for j in live:
+            j.x = x[a:a + j.n]
+            j.i += done
+            a += j.n
+        return out
 
     def _apply(self, live: list[_Job], x, eps, t, prev, noise):
         """Per-row steps; jobs with different samplers are stepped in groups of rows."""
