@@ -15,6 +15,15 @@ import pytest
 from edge_paths import COND, FIXTURES
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache_home(tmp_path_factory):
+    """Caches the runtime keeps between starts (optimised graphs) go to a throwaway folder."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache-home")))
+    yield
+    mp.undo()
+
+
 @pytest.fixture
 def cond_bundle(tmp_path: Path) -> Path:
     """A private copy of the conditional bundle, free to corrupt."""
