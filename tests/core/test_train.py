@@ -90,7 +90,8 @@ def test_atomic_checkpoint_keeps_previous_on_failure(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(ck, "save_file", boom)
-    with pytest.raises(OSError):
+    # a clear error that names the cause and says the previous checkpoint is intact
+    with pytest.raises(CheckpointError, match="No space left on device.*previous checkpoint"):
         train(None, d, resume=True, steps=4, progress=False)
     assert latest_checkpoint(d) == before
     read_state(before)  # still intact and verified
