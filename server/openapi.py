@@ -139,6 +139,7 @@ def openapi_document() -> dict:
                     "400": _error("invalid body: malformed_json, unknown_field, invalid_n, invalid_labels, "
                                   "invalid_seed, invalid_sampler, invalid_steps, invalid_eta"),
                     **_AUTH_ERRORS,
+                    "408": _error("request_timeout: the body did not arrive within body_timeout_s"),
                     "413": _error("body larger than the server's max_body_bytes"),
                     "415": _error("Content-Type is not application/json"),
                     "429": _error("rate_limited or quota_exceeded (Retry-After)"),
@@ -170,7 +171,10 @@ def openapi_document() -> dict:
                     "409": _error("duplicate_batch: this batch id was already accepted"),
                     "413": _error("body larger than max_train_body_bytes, or too many rows"),
                     "415": _error("Content-Type is not application/x-npy"),
-                    "429": _error("queue_full (Retry-After)"),
+                    "408": _error("request_timeout: the body did not arrive within body_timeout_s"),
+                    "429": _error("queue_full or rate_limited (Retry-After)"),
+                    "503": _error("storage_unavailable: the batch could not be stored durably (disk full or "
+                                  "read-only; Retry-After); retry with the same batch id"),
                 }}},
         },
     }
