@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -40,6 +41,8 @@ from .errors import CheckpointError, ConfigError
 from .models import build_unet
 
 CHECKPOINT_FORMAT = 1
+_CHECKPOINT_NAME = re.compile(r"step_[0-9]{1,12}")
+_PLAIN_FILE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 KEEP_CHECKPOINTS = 2
 
 
@@ -69,8 +72,8 @@ def _read_json(path: str, what: str) -> Any:
             return json.load(f)
     except FileNotFoundError:
         raise CheckpointError(f"{what} {path!r} is missing") from None
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{what} {path!r} is not valid JSON ({e}); the run directory is damaged") from e
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: bad UTF-8 and JSON too
+        raise CheckpointError(f"{what} {path!r} is not valid JSON ({str(e)[:200]}); the run directory is damaged") from e
 
 
 @dataclass(frozen=True)
@@ -226,29 +229,39 @@ def read_data_info(run_dir: str) -> DataInfo:
     d = _read_json(os.path.join(run_dir, "data.json"), "data description")
     try:
         return DataInfo(str(d["name"]), int(d["num_classes"]), int(d["channels"]), int(d["image_size"]))
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"data.json in {run_dir!r} is malformed: {e}") from e
+    except (KeyError, TypeError, ValueError, OverflowError) as e:
+        raise CheckpointError(f"data.json in {run_dir!r} is malformed: {str(e)[:200]}") from e
 
 
 def latest_checkpoint(run_dir: str) -> str | None:
     p = os.path.join(run_dir, "LATEST")
     if not os.path.exists(p):
         return None
-    with open(p, encoding="utf-8") as f:
-        name = f.read().strip()
+    with open(p, "rb") as f:
+        name = f.read(256).decode("utf-8", "replace").strip()
     d = os.path.join(run_dir, "checkpoints", name)
-    if not name.startswith("step_") or not os.path.isdir(d):
-        raise CheckpointError(f"{p} points at {name!r}, which is not a checkpoint in {run_dir!r}")
+    if not _CHECKPOINT_NAME.fullmatch(name) or not os.path.isdir(d):
+        raise CheckpointError(f"{p} points at {name!r:.80}, which is not a checkpoint in {run_dir!r}")
     return d
 
 
 def read_state(ckpt_dir: str, verify: bool = True) -> dict:
     meta = _read_json(os.path.join(ckpt_dir, "state.json"), "checkpoint state")
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"checkpoint state in {ckpt_dir!r} must be a JSON object, got {type(meta).__name__}")
     if meta.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"checkpoint {ckpt_dir!r} has format {meta.get('format')!r}; "
+        raise CheckpointError(f"checkpoint {ckpt_dir!r} has format {meta.get('format')!r:.40}; "
                               f"this collafuse reads format {CHECKPOINT_FORMAT}")
+    step, files = meta.get("step"), meta.get("files", {})
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise CheckpointError(f"checkpoint state in {ckpt_dir!r} has step {step!r:.40}; expected an integer ≥ 0")
+    if not isinstance(files, dict) or not all(
+            isinstance(f, str) and _PLAIN_FILE.fullmatch(f) and isinstance(v, str) for f, v in files.items()):
+        # a name like "/dev/zero" or "../x" would make the hash check read outside the checkpoint
+        raise CheckpointError(f"checkpoint state in {ckpt_dir!r} has a malformed 'files' table; "
+                              "expected {file name in the checkpoint: sha256}")
     if verify:
-        for f, digest in meta.get("files", {}).items():
+        for f, digest in files.items():
             p = os.path.join(ckpt_dir, f)
             if not os.path.exists(p):
                 raise CheckpointError(f"checkpoint file {p!r} is missing")

@@ -7,6 +7,8 @@ an image folder with one subfolder per class.
 """
 from __future__ import annotations
 
+import io
+import math
 import os
 from dataclasses import dataclass
 
@@ -17,6 +19,8 @@ from .errors import DataError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 MAX_IMAGES = 2_000_000
+MAX_CLASSES = 100_000  # labels are class ids 0 … max: one name string per class is made
+MAX_NPZ_ARRAY_BYTES = 8 * 2**30  # one array of a .npz, uncompressed
 
 
 @dataclass(frozen=True)
@@ -75,12 +79,48 @@ def _uint8_to_unit(images: np.ndarray, where: str) -> np.ndarray:
     if images.dtype == np.uint8:
         return images.astype(np.float32) / 255.0
     if images.dtype.kind == "f":
+        if images.size == 0:
+            return images.astype(np.float32)
         lo, hi = float(np.nanmin(images)), float(np.nanmax(images))
         if not np.all(np.isfinite(images)) or lo < 0.0 or hi > 1.0:
             raise DataError(f"{where}: float images must be finite and in [0, 1] (found {lo}…{hi}); "
                             "or store uint8")
         return images.astype(np.float32)
     raise DataError(f"{where}: images must be uint8 or float in [0, 1], got dtype {images.dtype}")
+
+
+def _npz_member(z, key: str, path: str) -> np.ndarray:
+    """One array of an open ``.npz``, after checking its ``.npy`` header against the member's real
+    size: numpy allocates whatever a header declares before reading, so a few bytes declaring
+    10^12 elements would otherwise cost a MemoryError or gigabytes of address space."""
+    import zipfile
+    import zlib
+
+    names = z.zip.namelist()
+    name = key + ".npy" if key + ".npy" in names else key
+    try:
+        info = z.zip.getinfo(name)
+        with z.zip.open(info) as f:
+            head = io.BytesIO(f.read(min(info.file_size, 2**16 + 16)))
+        version = np.lib.format.read_magic(head)
+        if version not in ((1, 0), (2, 0)):
+            raise DataError(f"{path!r}: {name} is .npy format {version}; expected 1.0 or 2.0")
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read_header(head)
+        if dtype.hasobject:
+            raise DataError(f"{path!r}: {name} holds Python objects (needs pickles); store numeric arrays")
+        declared = math.prod(shape) * dtype.itemsize
+        held = info.file_size - head.tell()
+        if declared != held:
+            raise DataError(f"{path!r}: {name} declares shape {shape} {dtype} ({declared} bytes) but holds "
+                            f"{held} bytes; the file is truncated or corrupted")
+        if declared > MAX_NPZ_ARRAY_BYTES:
+            raise DataError(f"{path!r}: {name} declares {declared} bytes; the limit is {MAX_NPZ_ARRAY_BYTES}")
+        return z[key]
+    except DataError:
+        raise
+    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as e:
+        raise DataError(f"{path!r}: cannot read {name} (without pickles): {e}") from e
 
 
 def load_npz(path: str, image_size: int = 16) -> Dataset:
@@ -92,6 +132,11 @@ def load_npz(path: str, image_size: int = 16) -> Dataset:
         keys = set(z.files)
     except Exception as e:  # zipfile/ValueError on junk
         raise DataError(f"{path!r} is not a readable .npz archive: {e}") from e
+    with z:
+        return _load_npz(z, keys, path, image_size)
+
+
+def _load_npz(z, keys: set[str], path: str, image_size: int) -> Dataset:
     splits = [s for s in ("train", "val", "test") if f"{s}_images" in keys]
     if not splits:
         raise DataError(f"{path!r} has no '<split>_images' arrays (found {sorted(keys)}); "
@@ -100,27 +145,28 @@ def load_npz(path: str, image_size: int = 16) -> Dataset:
     for s in splits:
         if f"{s}_labels" not in keys:
             raise DataError(f"{path!r} has {s}_images but no {s}_labels")
-        try:
-            x, y = z[f"{s}_images"], z[f"{s}_labels"]
-        except ValueError as e:
-            raise DataError(f"{path!r}: cannot read {s} arrays without pickles: {e}") from e
+        x, y = _npz_member(z, f"{s}_images", path), _npz_member(z, f"{s}_labels", path)
         if x.ndim == 3:
             x = x[..., None]
-        if x.ndim != 4 or x.shape[-1] not in (1, 3):
+        if x.ndim != 4 or x.shape[-1] not in (1, 3) or 0 in x.shape[1:3]:
             raise DataError(f"{path!r}: {s}_images must be [N,H,W] or [N,H,W,1|3], got {x.shape}")
-        y = np.asarray(y).reshape(len(y), -1)
-        if y.shape[0] != x.shape[0] or y.shape[1] != 1:
+        if y.ndim == 0 or y.shape[0] != x.shape[0] or math.prod(y.shape[1:]) != 1:
             raise DataError(f"{path!r}: {s}_labels must have one label per image, got {y.shape} for {x.shape[0]} images")
+        y = y.reshape(-1, 1)
         if y.dtype.kind not in "iu":
             raise DataError(f"{path!r}: {s}_labels must be integers, got {y.dtype}")
         xs.append(_uint8_to_unit(x, f"{path}:{s}_images"))
         ys.append(y[:, 0].astype(np.int64))
+    if len({a.shape[1:] for a in xs}) > 1:
+        raise DataError(f"{path!r}: the splits hold images of different shapes {[a.shape[1:] for a in xs]}")
     x = np.concatenate(xs)
     y = np.concatenate(ys)
     if len(x) > MAX_IMAGES or len(x) == 0:
         raise DataError(f"{path!r}: {len(x)} images; expected between 1 and {MAX_IMAGES}")
     if y.min() < 0:
         raise DataError(f"{path!r}: labels must be ≥ 0, found {y.min()}")
+    if y.max() >= MAX_CLASSES:
+        raise DataError(f"{path!r}: labels are class ids 0 … {MAX_CLASSES - 1}, found {y.max()}")
     n_cls = int(y.max()) + 1
     x = np.transpose(x, (0, 3, 1, 2))
     x = np.clip(_resize(x, image_size), 0, 1) * 2 - 1
