@@ -119,7 +119,8 @@ def _npz_member(z, key: str, path: str) -> np.ndarray:
         return z[key]
     except DataError:
         raise
-    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as e:
+    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error,
+            NotImplementedError, RuntimeError) as e:  # zipfile: unknown compression method, "encrypted"
         raise DataError(f"{path!r}: cannot read {name} (without pickles): {e}") from e
 
 

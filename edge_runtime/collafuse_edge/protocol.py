@@ -93,7 +93,9 @@ def decode_tensor(
         raise ProtocolError(f"tensor dtype must be {dtype}, got {dt.name}")
     if fortran:
         raise ProtocolError("tensor must be C-ordered (fortran_order=False)")
-    if any((not isinstance(s, int)) or s < 0 for s in shape):
+    if any(isinstance(s, bool) or not isinstance(s, int) or not (0 <= s < 2**31) for s in shape) \
+            or math.prod(max(s, 1) for s in shape) * dt.itemsize >= 2**62:
+        # (0, 2**63) declares 0 bytes but numpy cannot even make the empty array of that shape
         raise ProtocolError(f"invalid tensor shape {shape}")
     if ndim is not None and len(shape) != ndim:
         raise ProtocolError(f"tensor must have {ndim} dimensions, got shape {shape}")

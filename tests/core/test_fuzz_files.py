@@ -167,6 +167,22 @@ def test_npz_bad_labels_are_data_errors(npz_path, labels):
         load_npz(npz_path, image_size=8)
 
 
+@pytest.mark.parametrize("patch", ["encrypted", "compression-99"])
+def test_npz_with_an_encrypted_or_unknown_compression_member_is_a_data_error(npz_path, patch):
+    """Regression (long fuzz run): zipfile's RuntimeError ("encrypted") and NotImplementedError
+    (unknown compression method) escaped load_npz."""
+    np.savez(npz_path, train_images=np.zeros((4, 8, 8), np.uint8), train_labels=np.zeros(4, np.int64))
+    data = bytearray(open(npz_path, "rb").read())
+    cd = data.index(b"PK\x01\x02")  # first central-directory entry: flags at +8, method at +10
+    if patch == "encrypted":
+        data[cd + 8] |= 1
+    else:
+        data[cd + 10:cd + 12] = (99).to_bytes(2, "little")
+    open(npz_path, "wb").write(bytes(data))
+    with pytest.raises(DataError):
+        load_npz(npz_path, image_size=8)
+
+
 # ---------------------------------------------------------------------------------------------
 # run directories and checkpoints
 

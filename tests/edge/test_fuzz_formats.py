@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import math
+import os
 import shutil
 import tracemalloc
 from pathlib import Path
@@ -30,7 +31,9 @@ from collafuse_edge.bundle import parse_manifest  # noqa: E402
 from collafuse_edge.errors import ProtocolError  # noqa: E402
 from collafuse_edge.protocol import ALLOWED_DTYPES, decode_tensor, encode_tensor, parse_shape  # noqa: E402
 
-EXAMPLES = 300
+# Examples per property; the long run: COLLAFUSE_FUZZ_EXAMPLES=5000 pytest tests/edge/test_fuzz_formats.py
+# (an environment variable, not the `slow` mark: the edge-alone run has no pytest config to register it).
+EXAMPLES = int(os.environ.get("COLLAFUSE_FUZZ_EXAMPLES", "300"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
                 suppress_health_check=list(HealthCheck))
 
@@ -151,6 +154,15 @@ def test_decode_tensor_refuses_a_giant_declared_shape_before_allocating():
         data = npy_header("<f4", shape) + b"\0" * 64
         out = _bounded_decode(data, max_bytes=2**30)
         assert isinstance(out, ProtocolError), shape
+
+
+@pytest.mark.parametrize("shape", ["(0, 9223372036854775807)", "(0, 18446744073709551617)", "(True, 4)",
+                                   "(0, 2147483647, 2147483647, 2147483647)"])
+def test_decode_tensor_refuses_absurd_dims_of_an_empty_tensor(shape):
+    """Regression (long fuzz run): 0 elements, so the byte count matched, but numpy could not
+    build the shape: ValueError "array is too big" / TypeError escaped instead of ProtocolError."""
+    with pytest.raises(ProtocolError, match="invalid tensor shape"):
+        decode_tensor(npy_header("<f4", shape), require_finite=False)
 
 
 def test_decode_tensor_returns_native_byte_order():
@@ -353,7 +365,7 @@ def damaged_onnx(draw):
     return bytes(data)
 
 
-@settings(max_examples=60, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=max(60, EXAMPLES // 5), deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
 @given(data=damaged_onnx())
 def test_damaged_onnx_is_a_bundle_error_or_still_runs(fuzz_bundle, data):
     assume(data != ONNX)
@@ -364,8 +376,15 @@ def test_damaged_onnx_is_a_bundle_error_or_still_runs(fuzz_bundle, data):
         assert "denoiser.onnx" in str(e)
         event("refused")
         return
-    event("loaded and ran")
-    # a flip inside the weights leaves a loadable model: it must still run on valid input
+    # a flip inside the weights leaves a loadable model that runs; a flip in a shape constant can
+    # leave one that onnxruntime loads but fails to run. That failure is onnxruntime's own
+    # exception (OnnxDenoiser.__call__ does not translate it; see the issue 7 report), not a crash.
     x = np.zeros((2, 1, 8, 8), np.float32)
-    out = rt.denoiser(x, np.array([3, 4], np.int64), np.array([0, 1], np.int64))
+    try:
+        out = rt.denoiser(x, np.array([3, 4], np.int64), np.array([0, 1], np.int64))
+    except Exception as e:
+        assert type(e).__module__.startswith("onnxruntime"), repr(e)
+        event("loaded, failed at run time")
+        return
     assert out.shape == x.shape
+    event("loaded and ran")
