@@ -27,7 +27,7 @@ _CODES = {
     400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
     405: "method_not_allowed", 408: "request_timeout", 411: "length_required",
     413: "payload_too_large", 415: "unsupported_media_type", 429: "too_many_requests",
-    500: "internal_error", 502: "bad_gateway", 503: "unavailable",
+    499: "client_closed_request", 500: "internal_error", 502: "bad_gateway", 503: "unavailable",
 }
 
 
@@ -42,6 +42,16 @@ async def read_body(request: web.Request) -> bytes:
     except asyncio.TimeoutError:
         raise ApiError(408, "request_timeout", f"the request body did not arrive within {timeout:g} s "
                        "(the server's body_timeout_s); send the body right after the headers") from None
+    except ConnectionError:  # the client hung up mid-body: nobody is left to answer
+        raise ClientGone() from None
+
+
+class ClientGone(ApiError):
+    """The client closed its connection before the request was read: counted as 499 (nginx's
+    "client closed request"), logged at debug level, no answer is sent."""
+
+    def __init__(self):
+        super().__init__(499, "client_closed_request", "the client closed the connection mid-request")
 
 
 async def _send(request: web.Request, resp: web.StreamResponse) -> None:
@@ -99,6 +109,9 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
         resp = _from_http_exception(request, e)
     except asyncio.CancelledError:
         raise
+    except ConnectionError:  # the peer went away while the handler ran: not a server fault
+        log.debug("client of %s %s closed the connection mid-request", request.method, request.path)
+        resp = json_error(499, "client_closed_request", "the client closed the connection mid-request")
     except Exception:
         log.exception("unhandled error in %s %s", request.method, request.path)
         resp = json_error(500, "internal_error", "the server failed to handle the request; see the server log")
@@ -111,6 +124,10 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
         body = getattr(resp, "body", None)
         if isinstance(body, (bytes, bytearray)):
             m.bytes_out.inc(len(body))
+    if resp.status == 499:  # nobody to answer: count it, close the transport, send nothing
+        if request.transport is not None:
+            request.transport.close()
+        return resp
     if resp.status == 408:  # the body was not read to its end: the connection cannot be reused
         resp.force_close()
     if state is not None and not resp.prepared:

@@ -214,3 +214,35 @@ async def test_full_or_read_only_disk_under_uploads_is_a_503_and_nothing_is_ackn
     monkeypatch.setattr(spool_mod, "atomic_write_bytes", real)
     r = await c.post("/v1/train", data=encode_tensor(x), headers=hdr)  # the client's retry, same batch id
     assert r.status == 200, await r.text()  # not a 409: the refused attempt reserved nothing
+
+
+@pytest.mark.parametrize("path", ["/v1/handoff", "/v1/train"])
+async def test_a_client_that_hangs_up_mid_body_is_a_499_not_a_500(run_dir, loaded_run, caplog, path):
+    """Found by benchmarks/load_test.py: a body cut short by a closed connection used to surface as
+    ConnectionResetError → 500 with an ERROR traceback per request (a log flood on demand)."""
+    import logging
+    import re
+
+    caplog.set_level(logging.DEBUG, logger="collafuse.server")
+    runner, port = await _start(_cfg(run_dir), loaded_run)
+    try:
+        for _ in range(5):
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            ctype = b"application/json" if path == "/v1/handoff" else b"application/x-npy"
+            w.write(b"POST " + path.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Type: " + ctype +
+                    b"\r\nContent-Length: 1000\r\nAuthorization: Bearer " + TOKENS[0].encode() + b"\r\n\r\n" + b"{" * 10)
+            await w.drain()
+            w.close()  # hang up with 990 bytes still owed
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.2)
+        await _ok(port)  # still serving
+        import aiohttp
+
+        async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{port}/metrics") as resp:
+            text = await resp.text()
+        if path == "/v1/handoff":  # (this server does not train: /v1/train refuses before reading)
+            assert 'status="499"' in text  # counted, as nginx does, as "client closed request"
+        assert not re.search(r'status="5\d\d"', text), "a hang-up was counted as a server error"
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]
+    finally:
+        await runner.cleanup()
