@@ -14,8 +14,10 @@ CPU (gloo) works too, which is how the tests run it.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import os
 import sys
+from datetime import timedelta
 
 import numpy as np
 import torch
@@ -27,23 +29,37 @@ from .server_training import ServerTrainer, ServerTrainingConfig
 from .train import resolve_device, server_update
 
 
-def _setup() -> tuple[int, int, torch.device]:
+def _setup(timeout_s: float) -> tuple[int, int, torch.device]:
     if "RANK" not in os.environ:
         raise SystemExit("collafuse.distributed must be launched by torchrun (RANK/WORLD_SIZE are not set)")
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local = int(os.environ.get("LOCAL_RANK", 0))
+    timeout = timedelta(seconds=timeout_s)  # a collective whose peer is gone fails after this, never blocks forever
     if torch.cuda.is_available():
         torch.cuda.set_device(local)
         dev = torch.device("cuda", local)
-        dist.init_process_group("nccl")
+        dist.init_process_group("nccl", timeout=timeout)
     else:
         dev = torch.device("cpu")
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", timeout=timeout)
     return rank, world, dev
 
 
-def train_ddp(run_dir: str, steps: int, batch_rows: int, seed: int = 0) -> dict:
-    rank, world, dev = _setup()
+def _teardown(clean: bool) -> None:
+    """Leave the process group. After a clean run every rank has passed the final barrier, so nobody
+    is still inside a collective. On an error path there is no barrier (the peers may be blocked in a
+    collective this rank will never join, or gone): gloo's teardown is local and is done so its worker
+    threads do not outlive the interpreter; NCCL's is collective and would hang, so it is left to the
+    process exit (torchrun stops the other ranks)."""
+    if not dist.is_initialized():
+        return
+    if clean or dist.get_backend() == "gloo":
+        dist.destroy_process_group()
+
+
+def train_ddp(run_dir: str, steps: int, batch_rows: int, seed: int = 0, timeout_s: float = 1800.0) -> dict:
+    rank, world, dev = _setup(timeout_s)
+    clean = False
     try:
         tr = ServerTrainer(run_dir, ServerTrainingConfig(batch_rows=batch_rows, device=str(dev), seed=seed))
         pool = tr.spool.all_pending()
@@ -71,20 +87,25 @@ def train_ddp(run_dir: str, steps: int, batch_rows: int, seed: int = 0) -> dict:
             losses.append(server_update(ms, ds, tr.schedule, tr.cfg, gen, dev))
             tr.step += 1
         ms.model = orig_model
-        if rank == 0:
-            save_checkpoint(tr.state_dir, tr.step, [ms], tr.gen.get_state(),
-                            extra={"trained": sorted(tr.trained), "trained_rows": tr.trained_rows,
-                                   "ddp": {"world_size": world, "steps": steps}})
+        del ddp  # drop DDP's reducer (and its hold on the process group) before teardown
         # every rank must hold identical weights after DDP
         flat_w = torch.cat([p.detach().flatten() for p in orig_model.parameters()])
         ref = flat_w.clone()
         dist.broadcast(ref, 0)
         in_sync = bool(torch.equal(ref, flat_w))
-        dist.barrier()  # nobody tears down the group while a peer is still in a collective
-        return {"rank": rank, "world_size": world, "first_loss": losses[0], "last_loss": float(np.mean(losses[-5:])),
-                "in_sync": in_sync, "step": tr.step}
+        dist.barrier()  # the last collective: after it no rank is inside one, so teardown cannot strand a peer
+        clean = True
     finally:
-        dist.destroy_process_group()
+        _teardown(clean)
+    # Rank 0 writes the checkpoint only now, outside the group: a slow or refused write (fsync on a
+    # loaded disk, disk full) can neither hold a peer inside a collective nor leave it waiting on a
+    # rank that died; a failure fails rank 0 alone and torchrun reports it.
+    if rank == 0:
+        save_checkpoint(tr.state_dir, tr.step, [ms], tr.gen.get_state(),
+                        extra={"trained": sorted(tr.trained), "trained_rows": tr.trained_rows,
+                               "ddp": {"world_size": world, "steps": steps}})
+    return {"rank": rank, "world_size": world, "first_loss": losses[0], "last_loss": float(np.mean(losses[-5:])),
+            "in_sync": in_sync, "step": tr.step}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,10 +115,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-rows", type=int, default=256, help="global batch (split across ranks)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--report", default=None, help="write each rank's summary as JSON lines here")
+    p.add_argument("--timeout", type=float, default=1800.0,
+                   help="seconds a collective may wait for its peers before it fails (default 1800)")
+    p.add_argument("--watchdog", type=float, default=0.0,
+                   help="if > 0: a rank still running after this many seconds prints every thread's stack to "
+                        "stderr and exits with status 1 (for tests and CI: a hang becomes a failure with a stack)")
     a = p.parse_args(argv)
     if a.steps < 1 or a.batch_rows < 1:
         p.error("--steps and --batch-rows must be positive")
-    res = train_ddp(a.run, a.steps, a.batch_rows, a.seed)
+    if a.timeout <= 0 or a.watchdog < 0:
+        p.error("--timeout must be positive and --watchdog not negative")
+    if a.watchdog:
+        faulthandler.dump_traceback_later(a.watchdog, exit=True)
+    res = train_ddp(a.run, a.steps, a.batch_rows, a.seed, a.timeout)
     print(res, flush=True)
     if a.report:
         import json

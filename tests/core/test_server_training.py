@@ -102,10 +102,15 @@ def test_background_thread_trains_and_publishes(run_dir):
     assert got and got[-1] == tr.step and tr.progress()["pending_batches"] == 0
 
 
-@pytest.mark.slow  # once, on a loaded 2-core box, rank 1 hung at exit after rank 0 finished: kept out of CI until fixed
 def test_ddp_two_processes_gloo(run_dir, tmp_path):
-    """torchrun with 2 CPU processes (gloo): weights stay in sync, the loss falls, rank 0 checkpoints."""
+    """torchrun with 2 CPU processes (gloo): weights stay in sync, the loss falls, rank 0 checkpoints.
+
+    It cannot hang the suite: ``--standalone`` lets torchrun's store take a free port (no collision
+    with a concurrent run), ``--timeout`` fails a collective whose peer is gone, ``--watchdog`` makes
+    a stuck rank print its threads' stacks and exit 1, and past the hard limit the whole process
+    tree is sent SIGABRT (Python stacks, via PYTHONFAULTHANDLER) and then killed."""
     import json
+    import signal
     import subprocess
     import sys
 
@@ -115,11 +120,28 @@ def test_ddp_two_processes_gloo(run_dir, tmp_path):
         x = (np.tanh(rng.standard_normal((8, 1, 16, 16))) * 0.3).astype(np.float32)
         sp.put(0, f"b{i}", 29, x, rng.integers(0, 10, 8))
     report = str(tmp_path / "ddp")
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
-                        "-m", "collafuse.distributed", "--run-dir", run_dir, "--steps", "12", "--batch-rows", "16",
-                        "--report", report], capture_output=True, text=True, timeout=600, env=env)
-    assert r.returncode == 0, r.stderr[-3000:]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1")
+    p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "collafuse.distributed", "--run-dir", run_dir, "--steps", "12", "--batch-rows", "16",
+                          "--report", report, "--timeout", "120", "--watchdog", "180"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGABRT)  # torchrun and both ranks dump their Python stacks
+        try:
+            out, err = p.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            out, err = p.communicate()
+        pytest.fail(f"torchrun did not finish in 240 s; stacks:\n{err[-6000:]}\n{out[-2000:]}")
+    finally:
+        try:  # nothing of this run may outlive the test (a stray rank would hold the pipes and its port)
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    r = subprocess.CompletedProcess(p.args, p.returncode, out, err)
+    assert r.returncode == 0, r.stderr[-6000:]
     res = [json.load(open(f"{report}.rank{i}")) for i in range(2)]
     assert all(x["in_sync"] and x["world_size"] == 2 for x in res)
     assert res[0]["last_loss"] < res[0]["first_loss"]
