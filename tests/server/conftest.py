@@ -31,3 +31,18 @@ def loaded_run(run_dir):
 @pytest.fixture
 def server_config(run_dir) -> ServerConfig:
     return ServerConfig(run_dir, tokens=token_entries(), max_n=8, max_batch_rows=64, warmup=False, threads=0)
+
+
+@pytest.fixture(scope="session")
+def cert(tmp_path_factory):
+    """A self-signed certificate and key for 127.0.0.1 (skips when openssl is missing)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    d = tmp_path_factory.mktemp("tls")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(d / "key.pem"), "-out", str(d / "cert.pem")],
+                   check=True, capture_output=True)
+    return str(d / "cert.pem"), str(d / "key.pem")

@@ -6,10 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -19,45 +15,7 @@ import pytest
 
 from collafuse_edge import EdgeRuntime
 from collafuse_edge.http_client import ClientConfig, ServerClient, generate_over_http
-from server_fixtures import TOKENS, labels_for, token_toml
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServerProcess:
-    def __init__(self, run_dir: str, config: str, *extra: str, timeout: float = 120):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "collafuse.cli", "serve", "--run", run_dir, "--config", config,
-               "--port", str(self.port), "--threads", "1", "--log-level", "warning", *extra]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"collafuse serve exited with {self.proc.returncode}:\n{self.proc.stdout.read()}")
-            try:
-                with urllib.request.urlopen(self.url + "/readyz", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            time.sleep(0.3)
-        self.stop()
-        raise AssertionError(f"collafuse serve did not become ready in {timeout} s")
-
-    def stop(self) -> tuple[int, str]:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode, self.proc.stdout.read()
+from server_fixtures import TOKENS, ServeProcess, labels_for, token_toml
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +39,7 @@ def bundle(run_dir, tmp_path_factory) -> str:
 def test_edge_client_over_http_equals_in_process_split_sampling(run_dir, loaded_run, config_file, bundle):
     from collafuse.sampling import split_sample
 
-    server = ServerProcess(run_dir, config_file)
+    server = ServeProcess(run_dir, config_file)
     try:
         n, seed, labels = 3, 21, labels_for(3, 2)
 
@@ -141,7 +99,7 @@ def test_two_worker_processes_serve_the_same_results(run_dir, loaded_run, config
     from collafuse_edge.protocol import decode_tensor
     from server_fixtures import reference_handoff
 
-    server = ServerProcess(run_dir, config_file, "--workers", "2")
+    server = ServeProcess(run_dir, config_file, "--workers", "2")
     try:
         deadline = time.monotonic() + 60
         while len(_children(server.proc.pid)) < 2 and time.monotonic() < deadline:

@@ -8,7 +8,6 @@ import asyncio
 import errno
 import shutil
 import socket
-import subprocess
 import time
 
 import numpy as np
@@ -141,17 +140,6 @@ async def test_a_client_that_never_reads_is_aborted(run_dir, loaded_run, send_ti
     finally:
         sock.close()
         await runner.cleanup()
-
-
-@pytest.fixture(scope="module")
-def cert(tmp_path_factory):
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl is not installed")
-    d = tmp_path_factory.mktemp("tls")
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
-                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(d / "key.pem"), "-out", str(d / "cert.pem")],
-                   check=True, capture_output=True)
-    return str(d / "cert.pem"), str(d / "key.pem")
 
 
 async def test_tls_and_plain_http_mismatch_fail_clearly(run_dir, loaded_run, cert):

@@ -10,8 +10,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -22,48 +20,7 @@ import pytest
 
 from collafuse_edge.errors import ServerError
 from collafuse_edge.http_client import ClientConfig, ServerClient
-from server_fixtures import TOKENS, auth, labels_for, reference_handoff, token_toml
-from test_e2e_process import free_port
-
-
-class Server:
-    """``collafuse serve`` on a chosen port (a restart reuses it)."""
-
-    def __init__(self, run_dir: str, config: str, port: int, timeout: float = 180):
-        self.port = port
-        self.url = f"http://127.0.0.1:{port}"
-        cmd = [sys.executable, "-m", "collafuse.cli", "serve", "--run", run_dir, "--config", config,
-               "--port", str(port), "--threads", "1", "--log-level", "warning", "--no-warmup"]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     env=dict(os.environ, OMP_NUM_THREADS="1"))
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < timeout:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"collafuse serve exited with {self.proc.returncode}:\n{self.proc.stdout.read()}")
-            try:
-                with urllib.request.urlopen(self.url + "/readyz", timeout=2) as r:
-                    if r.status == 200:
-                        self.start_s = time.monotonic() - t0
-                        return
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            time.sleep(0.1)
-        self.kill()
-        raise AssertionError(f"collafuse serve did not become ready in {timeout} s")
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait()
-
-    def stop(self) -> tuple[int, str]:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        return self.proc.returncode, self.proc.stdout.read()
+from server_fixtures import TOKENS, ServeProcess, auth, free_port, labels_for, reference_handoff, token_toml
 
 
 @pytest.fixture
@@ -75,7 +32,7 @@ def config_file(tmp_path) -> str:
 
 def test_server_killed_mid_handoff_then_restarted_or_gone(run_dir, loaded_run, config_file):
     port = free_port()
-    srv = Server(run_dir, config_file, port)
+    srv = ServeProcess(run_dir, config_file, "--no-warmup", port=port, timeout=180)
     n, seed, labels = 4, 77, labels_for(4, 1)
     ref = reference_handoff(loaded_run, 0, n, labels, seed)
     cc = ClientConfig(srv.url, token=TOKENS[0], retries=60, backoff_s=0.1, max_backoff_s=0.5,
@@ -97,7 +54,7 @@ def test_server_killed_mid_handoff_then_restarted_or_gone(run_dir, loaded_run, c
             await asyncio.sleep(0.5)
             calls_before = client.requests
             srv.kill()
-            restarted = await asyncio.to_thread(Server, run_dir, config_file, port)
+            restarted = await asyncio.to_thread(ServeProcess, run_dir, config_file, "--no-warmup", port=port, timeout=180)
             await task
             result.update(retries=client.retries, attempts=client.requests - calls_before + 1,
                           restart_s=restarted.start_s, server=restarted)
@@ -106,7 +63,7 @@ def test_server_killed_mid_handoff_then_restarted_or_gone(run_dir, loaded_run, c
         asyncio.run(scenario())
     finally:
         srv.kill()
-    srv2: Server = result["server"]
+    srv2: ServeProcess = result["server"]
     try:
         np.testing.assert_allclose(result["samples"], ref, rtol=0, atol=1e-5)  # the retry gives the same samples
         assert result["retries"] >= 1
@@ -168,7 +125,7 @@ def test_server_killed_mid_training_loses_no_acknowledged_batch(run_dir, tmp_pat
     cfg.write_text(token_toml().replace("[server]", "[server]\ntrain = true\ntrain_checkpoint_every = 2\n"
                                                     "train_batch_rows = 8"))
     rows, total, kill_after = 4, 30, 12
-    srv = Server(run, str(cfg), free_port())
+    srv = ServeProcess(run, str(cfg), "--no-warmup", port=free_port(), timeout=180)
     target = {"url": srv.url}
     acked: list[str] = []
     stats = {"errors": 0, "dup_after_retry": 0}
@@ -222,7 +179,7 @@ def test_server_killed_mid_training_loses_no_acknowledged_batch(run_dir, tmp_pat
         extra = _checkpoint_extra(run)
         trained_at_kill, spooled_at_kill = set(extra["trained"]), _spool_keys(run)
         on_disk = trained_at_kill | spooled_at_kill
-        srv2 = Server(run, str(cfg), free_port())
+        srv2 = ServeProcess(run, str(cfg), "--no-warmup", port=free_port(), timeout=180)
         target["url"] = srv2.url
         th.join(180)
         assert not th.is_alive()

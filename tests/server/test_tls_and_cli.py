@@ -2,25 +2,12 @@
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 
 import pytest
 
 from collafuse.server.config import ServerConfig, hash_token, load_server_config
 from collafuse.server.errors import ServerConfigError
 from server_fixtures import TOKENS, token_entries, token_toml
-
-
-@pytest.fixture(scope="module")
-def cert(tmp_path_factory):
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl is not installed")
-    d = tmp_path_factory.mktemp("tls")
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
-                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(d / "key.pem"), "-out", str(d / "cert.pem")],
-                   check=True, capture_output=True)
-    return str(d / "cert.pem"), str(d / "key.pem")
 
 
 async def test_https_with_a_self_signed_certificate(run_dir, loaded_run, cert):

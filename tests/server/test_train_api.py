@@ -121,11 +121,11 @@ def _client_cmd(url, client, out, steps, seed):
 def test_three_clients_one_server_with_a_crash(own_run, tmp_path):
     """3 client processes + 1 server process; SIGKILL the server mid-training, restart it: the
     clients finish, and acknowledged batches = trained + pending (none lost, none twice)."""
-    from test_e2e_process import ServerProcess
+    from server_fixtures import ServeProcess
 
     cfg = tmp_path / "server.toml"
     cfg.write_text(token_toml().replace("[server]", "[server]\ntrain = true\ntrain_checkpoint_every = 3"))
-    srv = ServerProcess(own_run, str(cfg))
+    srv = ServeProcess(own_run, str(cfg))
     env = dict(os.environ, OMP_NUM_THREADS="1")
     steps = 24
     procs = [subprocess.Popen(_client_cmd(srv.url, i, str(tmp_path / f"c{i}"), steps, i),
@@ -140,7 +140,7 @@ def test_three_clients_one_server_with_a_crash(own_run, tmp_path):
         time.sleep(0.2)
     srv.proc.send_signal(signal.SIGKILL)
     srv.proc.wait()
-    srv2 = ServerProcess(own_run, str(cfg), timeout=180)  # same port is not needed: clients retry
+    srv2 = ServeProcess(own_run, str(cfg), timeout=180)  # same port is not needed: clients retry
     # clients keep retrying the old URL; restart them against the new one (they resume from their checkpoints)
     for p in procs:
         p.kill()
