@@ -191,8 +191,10 @@ def create_app(config: ServerConfig, *, run: LoadedRun | None = None) -> web.App
 
     Raises ServerConfigError at once for a bad run directory or token table, before any port opens.
     """
-    from .middleware import error_middleware
+    from .middleware import error_middleware, quiet_malformed_http_logs
     from .routes import setup_routes
+
+    quiet_malformed_http_logs()
 
     run_config = read_config(config.run_dir) if run is None else run.config
     data = read_data_info(config.run_dir) if run is None else run.data

@@ -31,6 +31,31 @@ _CODES = {
 }
 
 
+class _MalformedHttpFilter(logging.Filter):
+    """aiohttp answers unparseable HTTP (a control character in a header, a broken request line)
+    with a plain 400 and logs an ERROR with a traceback each time: a peer could flood the log at
+    will. Those records are the client's mistake; they are kept only when aiohttp.server logs at
+    debug level (aiohttp already does this itself for a bad method on a fresh connection)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from aiohttp.http_exceptions import HttpProcessingError
+
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError) and 400 <= (exc.code or 400) < 500:
+            return logging.getLogger("aiohttp.server").isEnabledFor(logging.DEBUG)
+        return True
+
+
+_MALFORMED_HTTP_FILTER = _MalformedHttpFilter()
+
+
+def quiet_malformed_http_logs() -> None:
+    """Install the filter above on aiohttp's server logger (idempotent)."""
+    logger = logging.getLogger("aiohttp.server")
+    if _MALFORMED_HTTP_FILTER not in logger.filters:
+        logger.addFilter(_MALFORMED_HTTP_FILTER)
+
+
 async def read_body(request: web.Request) -> bytes:
     """The whole request body, or ApiError 408 when it does not arrive within ``body_timeout_s``
     (a client that sends its headers and then stalls must not hold a handler forever)."""

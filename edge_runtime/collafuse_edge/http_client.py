@@ -117,7 +117,7 @@ class ServerInfo:
             )
         except ProtocolError:
             raise
-        except (AttributeError, KeyError, TypeError, ValueError) as e:
+        except (AttributeError, KeyError, TypeError, ValueError, OverflowError) as e:
             raise ProtocolError(f"{url}/v1/info is not a collafuse server description ({e!r})") from e
 
 
@@ -308,7 +308,8 @@ class ServerClient:
             raise ProtocolError(f"the server returned samples at level {headers.get(H_LEVEL)!r}, expected "
                                 f"this client's handoff level {info.handoff_level}")
         got_seed = headers.get(H_SEED, "")
-        if not got_seed.isdigit() or (seed is not None and int(got_seed) != seed):
+        # isascii: str.isdigit() also accepts digits like "²" that int() refuses
+        if not (got_seed.isascii() and got_seed.isdigit()) or (seed is not None and int(got_seed) != seed):
             raise ProtocolError(f"the server echoed seed {got_seed!r} for a request with seed {seed!r}")
         version = headers.get(H_MODEL_VERSION)
         if version is not None and version != info.model_version:

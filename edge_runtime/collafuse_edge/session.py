@@ -336,4 +336,13 @@ class OnnxDenoiser:
             if class_labels is None:
                 raise InputError("this bundle is class-conditional: pass class_labels [B] int64")
             feeds[CLASS_LABELS] = class_labels
-        return self.session.run(self._out, feeds)[0]
+        try:
+            out = self.session.run(self._out, feeds)[0]
+        except Exception as e:  # onnxruntime's own Fail/RuntimeException: a model that loads but cannot run
+            raise BundleError(f"bundle {self.bundle.path}: onnxruntime failed to run {self.bundle.model_file.name} "
+                              f"on a batch of {sample.shape[0]}: {e}. The model file may be damaged; re-download "
+                              "or re-export the bundle") from e
+        if out.shape != sample.shape:
+            raise BundleError(f"bundle {self.bundle.path}: the model returned shape {list(out.shape)} for a "
+                              f"sample of shape {list(sample.shape)}; the model file does not match its manifest")
+        return out

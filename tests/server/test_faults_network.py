@@ -234,3 +234,27 @@ async def test_a_client_that_hangs_up_mid_body_is_a_499_not_a_500(run_dir, loade
         assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]
     finally:
         await runner.cleanup()
+
+
+async def test_malformed_http_is_a_400_without_an_error_log(run_dir, loaded_run, caplog):
+    """aiohttp's parser refuses these before our middleware; it used to log an ERROR traceback for
+    each (a log flood on demand, found by the HTTP fuzzer)."""
+    import logging
+
+    caplog.set_level(logging.INFO)
+    runner, port = await _start(_cfg(run_dir), loaded_run)
+    try:
+        for raw in (b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Bad: a\x01b\r\n\r\n",
+                    b"GET /healthz HTTP/9.9x\r\nHost: x\r\n\r\n",
+                    b"POST /v1/handoff HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n"):
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            w.write(raw)
+            await w.drain()
+            head = await asyncio.wait_for(r.read(12), 5)
+            assert head.startswith(b"HTTP/1.") and b" 400" in head, head
+            w.close()
+        await _ok(port)
+        errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert not errors, [r.getMessage() for r in errors]
+    finally:
+        await runner.cleanup()
