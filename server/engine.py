@@ -126,6 +126,7 @@ class StepEngine:
         self.max_queue = max_queue
         self.metrics = metrics
         self.noise_budget = noise_budget
+        self._step_s = 0.0  # running mean of one step's time, to size hops to MAX_HOP_S
         self._waiting: collections.deque[_Job] = collections.deque()
         self._active: list[_Job] = []
         self._wake = asyncio.Event()
@@ -320,6 +321,8 @@ class StepEngine:
         numel = int(np.prod(self.sample_shape))
         S = min(min(len(j.pairs) - j.i for j in live), MAX_STEPS_PER_HOP,
                 max(1, self.noise_budget // (R * numel * 4)))
+        if self._step_s > 0:  # no more steps than fit in the hop's time: their noise would be wasted
+            S = min(S, max(1, int(MAX_HOP_S / self._step_s)))
         # [S, R] levels of every row at each step of the hop, and which (step, row) draw noise
         t_tab = np.concatenate([np.repeat(j.table[j.i:j.i + S, :1], j.n, 1) for j in live], 1)
         p_tab = np.concatenate([np.repeat(j.table[j.i:j.i + S, 1:], j.n, 1) for j in live], 1)
@@ -350,7 +353,9 @@ class StepEngine:
             x = self._apply(live, x, eps.to(x.dtype), t_tab[done], p_tab[done], nz)
             done += 1
             self.steps_run += 1
-            out.append((R, len(live), time.perf_counter() - t0))
+            dt = time.perf_counter() - t0
+            self._step_s = dt if self._step_s == 0 else 0.8 * self._step_s + 0.2 * dt
+            out.append((R, len(live), dt))
             if (self._waiting and self.batching) or time.perf_counter() - t_hop >= MAX_HOP_S \
                     or any(j.future.done() for j in live):
                 break
