@@ -53,7 +53,8 @@ WRONG_TOKEN = "not-a-token-of-this-server"
 BAD_KINDS = ("wrong_token", "no_token", "oversized_body", "malformed_json", "bad_n", "abandoned", "truncated_body")
 # What the server must answer to each misbehaving request (anything else counts as unexpected).
 EXPECTED = {"wrong_token": {401}, "no_token": {401}, "oversized_body": {413}, "malformed_json": {400},
-            "bad_n": {400}, "abandoned": {"aborted"}, "truncated_body": {"closed"}}
+            # a request abandoned 20-200 ms in may be answered first (a tiny model is that fast): fine
+            "bad_n": {400}, "abandoned": {"aborted", 200}, "truncated_body": {"closed"}}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
