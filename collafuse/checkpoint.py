@@ -272,10 +272,17 @@ def read_state(ckpt_dir: str, verify: bool = True) -> dict:
 
 
 def load_tensors(path: str) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; refuses a file holding NaN or ±Inf (a diverged run or a
+    damaged file would otherwise load silently and sample garbage)."""
     try:
-        return load_file(path)
+        sd = load_file(path)
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"cannot read weights {path!r}: {e}") from e
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(f"weights {path!r} hold NaN or Inf values in {len(bad)} tensor(s) (e.g. {bad[0]}): "
+                              "the run diverged or the file is damaged; resume from an earlier checkpoint")
+    return sd
 
 
 def load_weights(model: torch.nn.Module, path: str) -> None:

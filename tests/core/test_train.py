@@ -69,6 +69,29 @@ def test_corrupted_checkpoint_is_refused(tmp_path):
         load_run(d)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused_even_with_matching_hashes(tmp_path, bad):
+    """A diverged run writes NaN weights with valid hashes: loading must refuse, not sample garbage."""
+    from safetensors.torch import load_file, save_file
+
+    from collafuse.checkpoint import sha256_file
+
+    d = str(tmp_path / "r")
+    train(tiny_run_config(steps=2), d, progress=False)
+    ck = latest_checkpoint(d)
+    p = os.path.join(ck, "server.safetensors")
+    sd = load_file(p)
+    name = sorted(sd)[3]
+    sd[name].view(-1)[0] = bad
+    save_file(sd, p)
+    state_path = os.path.join(ck, "state.json")
+    state = json.load(open(state_path))
+    state["files"]["server.safetensors"] = sha256_file(p)  # the hashes agree: only the values are wrong
+    json.dump(state, open(state_path, "w"))
+    with pytest.raises(CheckpointError, match=f"NaN or Inf.*{name}"):
+        load_run(d)
+
+
 def test_mismatched_checkpoint_is_refused(tmp_path):
     d = str(tmp_path / "r")
     train(tiny_run_config(steps=2), d, progress=False)
