@@ -83,12 +83,13 @@ def philox4x32(c0, c1, c2, c3, k0, k1, rounds: int = 10):
     return c0, c1, c2, c3
 
 
-def keyed_normal(seeds, levels, rows, numel: int, purpose: int = PURPOSE_STEP, *, out_dtype=None):
-    """Standard normals ``[R, numel]``: row i drawn with key ``seeds[i]`` at ``levels[i]``, as row
-    ``rows[i]`` of its tensor.
+def keyed_normal(seeds, levels, rows, numel: int, purpose: int = PURPOSE_STEP):
+    """Standard normals ``[R, numel]`` float32: row i drawn with key ``seeds[i]`` at
+    ``levels[i]``, as row ``rows[i]`` of its tensor.
 
     ``seeds``, ``levels``, ``rows`` are 1-D int64 numpy arrays or torch tensors (all the same kind,
-    on one device); the result is of that kind and device, float32 unless ``out_dtype`` says so.
+    on one device); the result is of that kind and device. Tensors are handled through their own
+    methods, so this module never imports torch.
     """
     if numel < 1:
         raise ScheduleError(f"noise rows need at least one element, got {numel}")
@@ -96,40 +97,35 @@ def keyed_normal(seeds, levels, rows, numel: int, purpose: int = PURPOSE_STEP, *
     if blocks > _M32:
         raise ScheduleError(f"{numel} elements per row exceed the noise generator's counter range")
     if _is_numpy(seeds):
-        xp_arange = np.arange(blocks, dtype=np.uint64)
-        seeds = np.asarray(seeds, dtype=np.int64).astype(np.uint64)
+        counter = np.arange(blocks, dtype=np.uint64)
         col = lambda a: np.asarray(a, dtype=np.int64).astype(np.uint64)[:, None]  # noqa: E731
-    else:
-        import torch  # only when given tensors: the edge never gets here
-
-        xp_arange = torch.arange(blocks, dtype=torch.int64, device=seeds.device)
-        seeds = seeds.to(torch.int64)
-        col = lambda a: a.to(torch.int64)[:, None]  # noqa: E731
-    k0, k1 = col(seeds & _M32), col(seeds >> 32)
-    w0, w1, w2, w3 = philox4x32(xp_arange[None, :], col(levels) & _M32, purpose & _M32, col(rows) & _M32, k0, k1)
+    else:  # a torch tensor: int64 arithmetic on its device
+        counter = seeds.new_tensor(np.arange(blocks, dtype=np.int64)).long()
+        col = lambda a: a.long()[:, None]  # noqa: E731
+    seeds = col(seeds)
+    w0, w1, w2, w3 = philox4x32(counter[None, :], col(levels) & _M32, purpose & _M32, col(rows) & _M32,
+                                seeds & _M32, seeds >> 32)
     z = _box_muller(w0, w1, w2, w3)  # [R, blocks, 4] float64
     z = z.reshape(z.shape[0], blocks * 4)[:, :numel]
-    if _is_numpy(z):
-        return z.astype(out_dtype or np.float32)
-    import torch
-
-    return z.to(out_dtype or torch.float32)
+    return z.astype(np.float32) if _is_numpy(z) else z.float()
 
 
 def _box_muller(w0, w1, w2, w3):
+    """Four normals per Philox block, in float64: ``[..., 4]`` like the words' shape."""
     scale = 2.0 ** -32
     if _is_numpy(w0):
-        stack, f64 = np.stack, (lambda a: a.astype(np.float64))
+        f64 = lambda a: a.astype(np.float64)  # noqa: E731
         log, sqrt, cos, sin = np.log, np.sqrt, np.cos, np.sin
     else:
-        import torch
-
-        stack, f64 = torch.stack, (lambda a: a.to(torch.float64))
-        log, sqrt, cos, sin = torch.log, torch.sqrt, torch.cos, torch.sin
+        f64 = lambda a: a.double()  # noqa: E731
+        log, sqrt, cos, sin = (lambda a: a.log()), (lambda a: a.sqrt()), (lambda a: a.cos()), (lambda a: a.sin())
     ra = sqrt(-2.0 * log((f64(w0) + 1.0) * scale))
     rb = sqrt(-2.0 * log((f64(w2) + 1.0) * scale))
     ta, tb = f64(w1) * (scale * _TWO_PI), f64(w3) * (scale * _TWO_PI)
-    return stack([ra * cos(ta), ra * sin(ta), rb * cos(tb), rb * sin(tb)], -1)
+    out = np.empty((*ra.shape, 4)) if _is_numpy(ra) else ra.new_empty((*ra.shape, 4))
+    out[..., 0], out[..., 1] = ra * cos(ta), ra * sin(ta)
+    out[..., 2], out[..., 3] = rb * cos(tb), rb * sin(tb)
+    return out
 
 
 def _rows_and_numel(shape: tuple[int, ...]) -> tuple[int, int]:
