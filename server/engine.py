@@ -13,8 +13,8 @@ own timetable (levels T-1 … k for its client's k, optionally DDIM-thinned). Th
 The worker runs several steps per hop off the event loop while nothing changes (no job finished,
 none waiting, none cancelled; at most ``MAX_STEPS_PER_HOP`` and ``MAX_HOP_S``), so a lone request
 does not pay a thread hop per level. The keyed noise is counter-based (Philox, see
-:mod:`collafuse_edge.noise`): the engine computes it on the model's device, for every job that
-needs more, a block of levels ahead (≤ ``noise_budget`` bytes) in one vectorised call.
+:mod:`collafuse_edge.noise`): the engine computes the noise of every row for all of a hop's
+steps (≤ ``noise_budget`` bytes) in one vectorised call on the model's device.
 
 Because a job's noise depends only on its seed, level and shape, and the model treats rows
 independently, a job gets the same tensor batched with others as served alone, and the same as
@@ -79,7 +79,7 @@ class Metrics(Protocol):
 class _Job:
     spec: HandoffSpec
     shape: tuple[int, int, int, int]
-    pairs: list[tuple[int, int]]
+    pairs: np.ndarray  # [L, 2] int64: (t, prev) of each step
     future: asyncio.Future
     created: float
     started: float | None = None
@@ -87,8 +87,11 @@ class _Job:
     x: torch.Tensor | None = None  # current sample on the device
     labels: torch.Tensor | None = None
     result: np.ndarray | None = field(default=None, repr=False)
-    table: np.ndarray | None = field(default=None, repr=False)  # [L, 2] (t, prev) per step
-    noisy: np.ndarray | None = field(default=None, repr=False)  # [L] bool: the step draws noise
+    noisy: np.ndarray = field(init=False, repr=False)  # [L] bool: the step draws noise
+
+    def __post_init__(self) -> None:
+        sp = self.spec
+        self.noisy = np.array([needs_noise(sp.sampler, int(t), sp.eta) for t in self.pairs[:, 0]], bool)
 
     @property
     def n(self) -> int:
@@ -191,8 +194,8 @@ class StepEngine:
         if spec.n > self.max_batch_rows:
             raise ServerError(f"n={spec.n} exceeds max_batch_rows {self.max_batch_rows}")
         loop = asyncio.get_running_loop()
-        job = _Job(spec, (spec.n, *self.sample_shape), self.timetable_pairs(spec), loop.create_future(),
-                   time.perf_counter())
+        pairs = np.array(self.timetable_pairs(spec), dtype=np.int64).reshape(-1, 2)
+        job = _Job(spec, (spec.n, *self.sample_shape), pairs, loop.create_future(), time.perf_counter())
         self._waiting.append(job)
         self._idle.clear()
         self._wake.set()
@@ -282,10 +285,16 @@ class StepEngine:
         ids = self._to_device(np.stack([seeds, levels, rows]).astype(np.int64))
         return keyed_normal(ids[0], ids[1], ids[2], numel, purpose)
 
-    def _start(self, jobs: list[_Job]) -> None:
-        """x_{T-1} (the keyed initial noise) for new jobs, in one call, and their step tables."""
+    @staticmethod
+    def _row_keys(jobs: list[_Job]) -> tuple[np.ndarray, np.ndarray]:
+        """Each batch row's request seed and its row index within the request."""
         seeds = np.concatenate([np.full(j.n, j.spec.seed, np.int64) for j in jobs])
         rows = np.concatenate([np.arange(j.n, dtype=np.int64) for j in jobs])
+        return seeds, rows
+
+    def _start(self, jobs: list[_Job]) -> None:
+        """x_{T-1} (the keyed initial noise) of new jobs, in one call."""
+        seeds, rows = self._row_keys(jobs)
         z = self._keyed(seeds, rows * 0, rows, PURPOSE_INITIAL)
         a = 0
         for j in jobs:
@@ -293,8 +302,6 @@ class StepEngine:
             a += j.n
             if self.conditional:
                 j.labels = self._to_device(np.asarray(j.spec.labels, dtype=np.int64))
-            j.table = np.array(j.pairs, dtype=np.int64).reshape(-1, 2)
-            j.noisy = np.array([needs_noise(j.spec.sampler, int(t), j.spec.eta) for t in j.table[:, 0]], bool)
 
     @torch.no_grad()
     def _run_steps(self, jobs: list[_Job]) -> list[tuple[int, int, float]]:
@@ -316,21 +323,19 @@ class StepEngine:
 
     def _hop(self, live: list[_Job]) -> list[tuple[int, int, float]]:
         t_hop = time.perf_counter()
-        ns = [j.n for j in live]
-        R = sum(ns)
+        R = sum(j.n for j in live)
         numel = int(np.prod(self.sample_shape))
         S = min(min(len(j.pairs) - j.i for j in live), MAX_STEPS_PER_HOP,
                 max(1, self.noise_budget // (R * numel * 4)))
         if self._step_s > 0:  # no more steps than fit in the hop's time: their noise would be wasted
             S = min(S, max(1, int(MAX_HOP_S / self._step_s)))
         # [S, R] levels of every row at each step of the hop, and which (step, row) draw noise
-        t_tab = np.concatenate([np.repeat(j.table[j.i:j.i + S, :1], j.n, 1) for j in live], 1)
-        p_tab = np.concatenate([np.repeat(j.table[j.i:j.i + S, 1:], j.n, 1) for j in live], 1)
+        t_tab = np.concatenate([np.repeat(j.pairs[j.i:j.i + S, :1], j.n, 1) for j in live], 1)
+        p_tab = np.concatenate([np.repeat(j.pairs[j.i:j.i + S, 1:], j.n, 1) for j in live], 1)
         noisy = np.concatenate([np.repeat(j.noisy[j.i:j.i + S, None], j.n, 1) for j in live], 1)
         noise = None
         if noisy.any():
-            seeds = np.concatenate([np.full(j.n, j.spec.seed, np.int64) for j in live])
-            rows = np.concatenate([np.arange(j.n, dtype=np.int64) for j in live])
+            seeds, rows = self._row_keys(live)
             si, ri = np.nonzero(noisy)
             z = self._keyed(seeds[ri], t_tab[si, ri], rows[ri], PURPOSE_STEP)
             if noisy.all():
