@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from .bundle import BATCH_DIM, CLASS_LABELS, EPS, SAMPLE, TIMESTEP, Bundle
+from .bundle import BATCH_DIM, CLASS_LABELS, EPS, SAMPLE, TIMESTEP, Bundle, sha256_file
 from .errors import BundleError, InputError
 
 INSTALL_HINT = (
@@ -103,8 +103,6 @@ class GraphCache:
     def lookup(self) -> Path | None:
         try:
             want = self.sidecar.read_text(encoding="ascii").strip()
-            from .bundle import sha256_file
-
             if sha256_file(self.model) == want:
                 return self.model
             log.info("optimised-graph cache entry %s fails its hash; rebuilding it", self.model.name)
@@ -124,8 +122,8 @@ class GraphCache:
             return None
 
     def commit(self, tmp: Path) -> None:
-        from .bundle import sha256_file
-
+        """Move the saved graph into place, then its sidecar; leaves no temp file behind."""
+        side = None
         try:
             digest = sha256_file(tmp)
             fd, side = tempfile.mkstemp(prefix=".tmp-", suffix=".sha256", dir=self.root)
@@ -136,9 +134,9 @@ class GraphCache:
         except OSError as e:
             log.info("could not save the optimised graph to %s (%s)", self.root, e)
         finally:
-            for leftover in (tmp,):
-                if leftover.exists():
-                    leftover.unlink(missing_ok=True)
+            for leftover in (tmp, side):
+                if leftover is not None:
+                    Path(leftover).unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)
