@@ -58,7 +58,9 @@ def quiet_malformed_http_logs() -> None:
 
 async def read_body(request: web.Request) -> bytes:
     """The whole request body, or ApiError 408 when it does not arrive within ``body_timeout_s``
-    (a client that sends its headers and then stalls must not hold a handler forever)."""
+    (a client that sends its headers and then stalls must not hold a handler forever). A client
+    that hangs up mid-body raises ConnectionError, which :func:`error_middleware` counts as 499
+    ("client closed request"), logs at debug level and answers with nothing."""
     from .app import STATE
 
     timeout = request.app[STATE].config.body_timeout_s
@@ -67,16 +69,6 @@ async def read_body(request: web.Request) -> bytes:
     except asyncio.TimeoutError:
         raise ApiError(408, "request_timeout", f"the request body did not arrive within {timeout:g} s "
                        "(the server's body_timeout_s); send the body right after the headers") from None
-    except ConnectionError:  # the client hung up mid-body: nobody is left to answer
-        raise ClientGone() from None
-
-
-class ClientGone(ApiError):
-    """The client closed its connection before the request was read: counted as 499 (nginx's
-    "client closed request"), logged at debug level, no answer is sent."""
-
-    def __init__(self):
-        super().__init__(499, "client_closed_request", "the client closed the connection mid-request")
 
 
 async def _send(request: web.Request, resp: web.StreamResponse) -> None:
@@ -134,7 +126,7 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
         resp = _from_http_exception(request, e)
     except asyncio.CancelledError:
         raise
-    except ConnectionError:  # the peer went away while the handler ran: not a server fault
+    except ConnectionError:  # the peer went away (e.g. mid-body in read_body): not a server fault
         log.debug("client of %s %s closed the connection mid-request", request.method, request.path)
         resp = json_error(499, "client_closed_request", "the client closed the connection mid-request")
     except Exception:
