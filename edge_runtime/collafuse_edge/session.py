@@ -11,7 +11,9 @@ Example::
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import logging
 import os
 import platform
@@ -38,6 +40,7 @@ PROVIDER_NAMES = {
     "cuda": "CUDAExecutionProvider",
     "cpu": "CPUExecutionProvider",
 }
+GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 GRAPH_OPTIMIZATIONS = ("disable", "basic", "extended", "all")
 _ORT_TYPES = {"float32": "tensor(float)", "int64": "tensor(int64)", "float16": "tensor(float16)"}
 
@@ -153,6 +156,10 @@ class SessionConfig:
     trt_fp16: bool = False  # let TensorRT build fp16 kernels (Jetson: usually faster)
     trt_max_batch: int = 64  # the largest batch the TensorRT optimisation profile covers
     device_id: int = 0  # the GPU for CUDA/TensorRT
+    # CUDA provider: allow TF32 tensor-core maths in convolutions and matmuls. Off by default so
+    # an fp32 bundle gives fp32 results (≤ 1e-4 parity); on, it trades ~1e-3 error for speed on
+    # large batches.
+    cuda_tf32: bool = False
     # Where the CPU-optimised graph is kept between starts: "auto" (per-user cache dir), "off",
     # or a directory. Used with the CPU provider alone and graph_optimization other than "disable".
     graph_cache: str = "auto"
@@ -173,6 +180,9 @@ class SessionConfig:
                              f"got {self.graph_optimization!r}")
         if not isinstance(self.graph_cache, str) or not self.graph_cache:
             raise InputError(f"graph_cache must be 'auto', 'off' or a directory, got {self.graph_cache!r}")
+        for name in ("trt_fp16", "cuda_tf32"):
+            if not isinstance(getattr(self, name), bool):
+                raise InputError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if isinstance(self.trt_max_batch, bool) or not isinstance(self.trt_max_batch, int) or self.trt_max_batch < 1:
             raise InputError(f"trt_max_batch must be a positive integer, got {self.trt_max_batch!r}")
 
@@ -228,8 +238,47 @@ def _provider_options(provider: str, cfg: SessionConfig, bundle: Bundle) -> dict
             "trt_profile_max_shapes": shapes(cfg.trt_max_batch),
         }
     if provider == "CUDAExecutionProvider":
-        return {"device_id": cfg.device_id}
+        return {"device_id": cfg.device_id, "use_tf32": int(cfg.cuda_tf32)}
     return {}
+
+
+def gpu_hint(ort: Any) -> str:
+    """What a GPU provider of this onnxruntime build needs, for error messages."""
+    try:
+        from onnxruntime.capi import build_and_package_info as info
+
+        cuda = getattr(info, "cuda_version", None) or "12 or 13"
+    except Exception:  # an unusual build (e.g. a Jetson wheel): no version to quote
+        cuda = "matching"
+    return (f"onnxruntime {getattr(ort, '__version__', '?')} runs its CUDA provider with the CUDA {cuda} runtime, "
+            "cuBLAS, cuFFT, cuRAND and cuDNN 9 libraries (pip: 'onnxruntime-gpu[cuda,cudnn]', which "
+            "'collafuse-edge[gpu]' installs; on a Jetson they come with JetPack), and its TensorRT "
+            "provider with the TensorRT 10 libraries as well. Install them, or choose --provider cpu")
+
+
+_preloaded: dict[str, str] = {}
+
+
+def preload_gpu_libraries(ort: Any) -> str:
+    """Load the CUDA/cuDNN libraries that pip's ``nvidia-*`` packages ship, the way onnxruntime's
+    own ``preload_dlls`` does, once per process; returns what it printed (it speaks on stdout,
+    which this keeps clean for the CLI's output). A no-op where onnxruntime has no such helper."""
+    if "done" in _preloaded:
+        return _preloaded["done"]
+    text = ""
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is not None:
+        buf = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(buf):
+                preload()
+        except Exception as e:  # a missing library shows up below, when the provider starts
+            buf.write(f"preload_dlls failed: {e}\n")
+        text = buf.getvalue().strip()
+        if text:
+            log.debug("onnxruntime.preload_dlls: %s", text)
+    _preloaded["done"] = text
+    return text
 
 
 class OnnxDenoiser:
@@ -264,11 +313,12 @@ class OnnxDenoiser:
             cache = GraphCache(root, bundle, ort.__version__, cfg.graph_optimization)
         self.graph_cache_hit = False
         self.session = None
+        self.provider_notes: list[str] = []  # GPU providers that were asked for but did not start
         cached = cache.lookup() if cache is not None else None
         if cached is not None:
             so.graph_optimization_level = levels["disable"]
             try:
-                self.session = ort.InferenceSession(str(cached), sess_options=so, providers=providers)
+                self.session = _new_session(ort, cached, so, providers)
                 self.graph_cache_hit = True
             except Exception as e:  # a stale or foreign entry: fall back to the bundle's model
                 log.info("optimised-graph cache entry %s did not load (%s); rebuilding it", cached.name, e)
@@ -278,7 +328,9 @@ class OnnxDenoiser:
             if tmp is not None:
                 so.optimized_model_filepath = str(tmp)
             try:
-                self.session = ort.InferenceSession(str(bundle.model_file), sess_options=so, providers=providers)
+                self.session = self._open_with_gpu_fallback(ort, so, providers)
+            except InputError:
+                raise
             except Exception as e:  # onnxruntime raises its own Fail/InvalidProtobuf/… types
                 if tmp is not None:
                     tmp.unlink(missing_ok=True)
@@ -293,6 +345,50 @@ class OnnxDenoiser:
         self._feeds_labels = bundle.conditional
         self._out = [EPS]
         self._tail = bundle.image_shape
+
+    def _open_with_gpu_fallback(self, ort: Any, so: Any, providers: list[tuple[str, dict]]) -> Any:
+        """The session on the first providers that start. A GPU provider that onnxruntime cannot
+        start (libraries missing, no device) is an error when it was asked for by name; with the
+        automatic choice it is skipped, logged and noted in ``provider_notes``. onnxruntime's own
+        fallback is off: it prints to stdout and retries on the CPU alone, dropping CUDA too."""
+        explicit = self.config.providers is not None
+        preload_text = preload_gpu_libraries(ort) if any(p in GPU_PROVIDERS for p, _ in providers) else ""
+        while True:
+            try:
+                session = _new_session(ort, self.bundle.model_file, so, providers)
+                break
+            except Exception as e:
+                first = providers[0][0]
+                if first not in GPU_PROVIDERS:
+                    raise  # the CPU provider failed: the model file's problem (a BundleError above)
+                if explicit:
+                    # a bad model or a provider that cannot start? the CPU provider alone tells:
+                    # if it fails too, its error (the model's) is the one raised
+                    _new_session(ort, self.bundle.model_file, so, [("CPUExecutionProvider", {})])
+                    gpus = [p for p, _ in providers if p in GPU_PROVIDERS]
+                    raise InputError(self._gpu_failure(ort, gpus, _first_line(e), preload_text)) from e
+                rest = providers[1:] or [("CPUExecutionProvider", {})]
+                self._note(f"{first} did not start ({_first_line(e)}); trying {rest[0][0]}")
+                providers = rest
+        actual = session.get_providers()
+        dropped = [p for p, _ in providers if p not in actual]
+        if dropped:  # onnxruntime may skip a provider whose library does not load, without raising
+            if explicit:
+                raise InputError(self._gpu_failure(ort, dropped, "onnxruntime skipped it at session start",
+                                                   preload_text))
+            self._note(f"{', '.join(dropped)} did not start; running on {', '.join(actual)}")
+        return session
+
+    def _note(self, text: str) -> None:
+        self.provider_notes.append(text)
+        log.warning("bundle %s: %s. %s", self.bundle.path, text, "Set providers explicitly to make this an error.")
+
+    @staticmethod
+    def _gpu_failure(ort: Any, names: list[str], why: str, preload_text: str) -> str:
+        msg = f"execution provider(s) {', '.join(names)} could not start ({why}). {gpu_hint(ort)}"
+        if preload_text:
+            msg += f". Loading the CUDA libraries said: {preload_text.splitlines()[0][:300]}"
+        return msg
 
     @property
     def providers(self) -> list[str]:
@@ -344,3 +440,13 @@ class OnnxDenoiser:
             raise BundleError(f"bundle {self.bundle.path}: the model returned shape {list(out.shape)} for a "
                               f"sample of shape {list(sample.shape)}; the model file does not match its manifest")
         return out
+
+
+def _new_session(ort: Any, path: Path, so: Any, providers: list) -> Any:
+    # enable_fallback=0: onnxruntime's own retry prints to stdout and drops to the CPU alone
+    return ort.InferenceSession(str(path), sess_options=so, providers=providers, enable_fallback=0)
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__

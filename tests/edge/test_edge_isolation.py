@@ -106,4 +106,5 @@ def test_tensorrt_options_cover_the_dynamic_batch_and_cache(tmp_path):
     assert opts["trt_engine_cache_enable"] and not opts["trt_int8_enable"]
     sha = b.files[0].sha256
     assert default_trt_cache_dir(b).name == sha[:16]  # engines are per model file
-    assert _provider_options("CUDAExecutionProvider", SessionConfig(device_id=1), b) == {"device_id": 1}
+    assert _provider_options("CUDAExecutionProvider", SessionConfig(device_id=1), b) == {"device_id": 1, "use_tf32": 0}
+    assert _provider_options("CUDAExecutionProvider", SessionConfig(cuda_tf32=True), b)["use_tf32"] == 1
