@@ -296,7 +296,7 @@ def _diffusers_loop(model, sched, x, k, lab):
     g = torch.Generator().manual_seed(0)
     b = x.shape[0]
     for t in range(k - 1, -1, -1):
-        eps = model(x, torch.full((b,), t, dtype=torch.long), class_labels=lab).sample
+        eps = model(x, torch.full((b,), t, dtype=torch.long, device=x.device), class_labels=lab).sample
         x = sched.step(eps, t, x, generator=g).prev_sample
     return x
 

@@ -8,7 +8,15 @@ import pytest
 
 from collafuse_edge import load_bundle
 from collafuse_edge.errors import InputError
-from collafuse_edge.session import OnnxDenoiser, SessionConfig
+from collafuse_edge.session import OnnxDenoiser
+from collafuse_edge.session import SessionConfig as _SessionConfig
+
+
+def SessionConfig(**kw):
+    """The cache serves the CPU provider alone: pinned, so a GPU build's automatic choice (CUDA,
+    which the cache does not apply to) does not change what these tests test."""
+    kw.setdefault("providers", ("cpu",))
+    return _SessionConfig(**kw)
 
 
 def _feeds(bundle, b=3):
