@@ -14,7 +14,8 @@ weights; the client runs c = 0.2 of T = 1000 levels (200 levels, DDPM). Parts:
 2. speed: one denoiser call and the full client loop at B = 1, 16, 256 for
    ``edge-cuda-{fp32,fp32-tf32,fp16,int8}`` (EdgeRuntime on the CUDA provider), ``torch`` (eager,
    CUDA), ``diffusers`` (UNet2DModel + DDPMScheduler.step on CUDA), ``torch.compile``
-   (mode reduce-overhead: inductor + CUDA graphs), and ``ort-cuda-graph`` (raw onnxruntime with
+   (mode reduce-overhead: inductor + CUDA graphs), ``edge-cuda-*-graph`` (SessionConfig
+   cuda_graph: onnxruntime's CUDA graphs behind the same call), and ``ort-cuda-graph`` (raw onnxruntime with
    ``enable_cuda_graph`` and IO binding, per call only: what a device-resident loop could reach).
    Medians of interleaved rounds.
 
@@ -128,13 +129,16 @@ def main(argv=None) -> int:
     result["versions"]["onnxruntime"] = result["providers"]["onnxruntime"]
     print(json.dumps(result["providers"], indent=1, default=str), flush=True)
 
-    def runtime(prec: str, tf32: bool = False, provider: str = ep) -> EdgeRuntime:
-        cfg = SessionConfig(providers=(provider,), cuda_tf32=tf32, intra_op_threads=0 if provider != "cpu" else 4)
+    def runtime(prec: str, tf32: bool = False, provider: str = ep, graph: bool = False) -> EdgeRuntime:
+        cfg = SessionConfig(providers=(provider,), cuda_tf32=tf32, cuda_graph=graph,
+                            intra_op_threads=0 if provider != "cpu" else 4)
         return EdgeRuntime.open(bundles[prec]["path"], cfg, max_batch=max(args.batches))
 
     rts = {"edge-%s-fp32" % ep: runtime("fp32")}
     if gpu:
         rts["edge-cuda-fp32-tf32"] = runtime("fp32", tf32=True)
+        rts["edge-cuda-fp32-graph"] = runtime("fp32", graph=True)
+        rts["edge-cuda-fp16-graph"] = runtime("fp16", graph=True)
     rts[f"edge-{ep}-fp16"] = runtime("fp16")
     rts[f"edge-{ep}-int8"] = runtime("int8")
     cpu_ref = {p: runtime(p, provider="cpu") for p in ("fp32", "fp16", "int8")}
@@ -155,6 +159,8 @@ def main(argv=None) -> int:
         row = {"batch": b, "cpu_ep_vs_torch_cpu": float(np.abs(ref - tref).max())}
         for name, rt in rts.items():
             prec = name.split("-")[2]
+            for junk in (0.5, -1.0):  # a CUDA graph's regular run, then its capture: the third call replays
+                rt.denoiser(x * junk, t[::-1].copy(), lab)
             row[f"{name}_vs_cpu_ep_{prec}"] = float(np.abs(rt.denoiser(x, t, lab) - cpu_ref[prec].denoiser(x, t, lab)).max())
         parity["per_call"].append(row)
     B = 4

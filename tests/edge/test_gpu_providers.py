@@ -135,3 +135,46 @@ def test_preload_runs_once_and_only_for_gpu_providers(gpu_build, monkeypatch):
 def test_cuda_tf32_must_be_a_bool():
     with pytest.raises(InputError, match="cuda_tf32 must be True or False"):
         SessionConfig(cuda_tf32="yes")
+
+
+def test_cuda_graph_bookkeeping_matches_plain_runs():
+    """The replay path's buffers per batch size, checked on the CPU (same IO binding API): sizes
+    interleaved, contents changing between calls, and a size past the limit run uncaptured."""
+    from collafuse_edge.session import CudaGraphs
+
+    bundle = load_bundle(COND)
+    sess = real_ort.InferenceSession(str(bundle.model_file), providers=[CPU])
+    graphs = CudaGraphs(real_ort, sess, 0, bundle.image_shape, max_graphs=2, device_type="cpu")
+    rng = np.random.default_rng(0)
+    for b in (1, 3, 1, 5, 3, 1, 5):
+        x = rng.standard_normal((b, *bundle.image_shape)).astype(np.float32)
+        feeds = {"sample": x, "timestep": rng.integers(0, 20, b), "class_labels": rng.integers(0, 10, b).astype(np.int32)}
+        want = sess.run(["eps"], {**feeds, "class_labels": feeds["class_labels"].astype(np.int64)})[0]
+        np.testing.assert_array_equal(graphs(feeds), want)
+    assert graphs.batch_sizes == [1, 3]  # 5 ran without a graph
+
+
+def test_cuda_graph_without_cuda_is_noted(caplog):
+    den = OnnxDenoiser(load_bundle(COND), SessionConfig(providers=("cpu",), cuda_graph=True, graph_cache="off"))
+    assert den.provider_notes == ["cuda_graph applies to the CUDA provider only; running on CPUExecutionProvider "
+                                  "without it"]
+    assert _run_once(den).shape == (2, 1, 8, 8)
+
+
+def test_cuda_graph_is_asked_for_in_the_cuda_options():
+    from collafuse_edge.session import _provider_options
+
+    b = load_bundle(COND)
+    assert _provider_options(CUDA, SessionConfig(cuda_graph=True), b)["enable_cuda_graph"] == 1
+    assert "enable_cuda_graph" not in _provider_options(CUDA, SessionConfig(), b)
+    with pytest.raises(InputError, match="cuda_graph_batches"):
+        SessionConfig(cuda_graph_batches=0)
+
+
+def test_onnxruntime_source_locations_are_cut_from_messages():
+    from collafuse_edge.session import _first_line
+
+    e = RuntimeError("/onnxruntime_src/onnxruntime/python/onnxruntime_pybind_state.cc:729 void onnxruntime::python::"
+                     "RegisterTensorRTPluginsAsCustomOps(PySessionOptions&, const onnxruntime::ProviderOptions&) "
+                     "Please install TensorRT libraries\nmore")
+    assert _first_line(e) == "Please install TensorRT libraries"
