@@ -30,12 +30,21 @@ python3 - <<'PY'
 import logging, sys; logging.basicConfig(level=logging.WARNING)
 sys.modules["torch"] = None
 from collafuse_edge import EdgeRuntime, SessionConfig
+import numpy as np
+from collafuse_edge import Handoff
+from collafuse_edge.noise import initial_noise
 for prov in (None, ("cuda",), ("tensorrt",)):
     try:
         rt = EdgeRuntime.open(".gpu/bundles/fp32", SessionConfig(providers=prov))
         print(prov, "->", rt.denoiser.providers, rt.denoiser.provider_notes)
     except Exception as e:
         print(prov, "->", type(e).__name__, e)
+plain = EdgeRuntime.open(".gpu/bundles/fp32", SessionConfig(providers=("cuda",)))
+graph = EdgeRuntime.open(".gpu/bundles/fp32", SessionConfig(providers=("cuda",), cuda_graph=True))
+for n in (2, 3, 2):
+    h = Handoff(initial_noise(n, (n, 1, 16, 16)), plain.bundle.handoff_level, seed=n)
+    print("cuda_graph finish B=%d max|diff| vs plain CUDA:" % n, float(np.abs(graph.finish(h) - plain.finish(h)).max()),
+          "graphs:", graph.denoiser._graphs.batch_sizes)
 PY
 # 3. the edge tests on the GPU build (the automatic choice now starts CUDA)
 timeout 240 python3 -m pytest -q -p no:cacheprovider tests/edge 2>&1 | tee $OUT/edge_tests_gpu.log | tail -25
