@@ -182,7 +182,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(format_table(rows, ["what", "batch", "levels", "runs", "median_ms", "p90_ms", "per_image_ms"]))
     if args.json:
         Path(args.json).write_text(json.dumps({"bundle": rt.bundle.describe(), "machine": machine,
-                                               "providers": rt.denoiser.providers, "rows": rows}, indent=2))
+                                               "providers": rt.denoiser.providers,
+                                               "provider_notes": rt.denoiser.provider_notes,
+                                               "cuda_graph": rt.denoiser.config.cuda_graph, "rows": rows}, indent=2))
     return 0
 
 
