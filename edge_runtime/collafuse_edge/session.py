@@ -83,7 +83,8 @@ def _cpu_fingerprint() -> str:
                     break
     except OSError:
         pass
-    return f"{platform.machine()}|{platform.processor()}|{flags.strip()}"
+    # (platform.processor() would add nothing here and costs a `uname -p` subprocess per start)
+    return f"{platform.machine()}|{flags.strip()}"
 
 
 class GraphCache:
