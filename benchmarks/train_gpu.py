@@ -6,7 +6,8 @@ the model, timed in interleaved rounds:
 
 * ``before``        the library as it was: diffusers EMA walking parameters in Python, AdamW (foreach)
 * ``ema-foreach``   EMA as foreach ops
-* ``library``       EMA foreach + fused AdamW — what `new_model_state` builds now on a GPU
+* ``library``       EMA foreach + fused AdamW (measured no faster than ``ema-foreach``, so the
+                    library builds ``ema-foreach``)
 * ``device-batch``  (diagnostic) ``library`` on a batch built once on the GPU: the host-side cost
                     of building each step's batch (noise, levels, re-noising) is what it saves
 * ``fwd+bwd``       (diagnostic) forward + backward alone: the model's floor
