@@ -43,7 +43,9 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda")
     p.add_argument("--preset", default="server", choices=("server", "client"))
     p.add_argument("--batch", type=int, default=1024)
-    p.add_argument("--precisions", default="bf16,fp32", help="each compiled once: bf16 (autocast) and/or fp32")
+    p.add_argument("--precisions", default="bf16,fp32",
+                   help="each compiled once: bf16 (autocast) and/or fp32; a '-cl' suffix (bf16-cl) also puts "
+                        "the model in channels-last memory format (cuDNN's NHWC kernels, no layout transposes)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=8, help="timed steps per variant and round")
     p.add_argument("--budget-s", type=float, default=200, help="skip what would start after this many seconds")
@@ -76,8 +78,13 @@ def main(argv=None) -> int:
         if time.perf_counter() - t_start > a.budget_s:
             result.setdefault("skipped", []).append(prec)
             continue
-        ctx = torch.autocast(dev.type, dtype=torch.bfloat16) if prec == "bf16" else nullcontext()
+        dtype, _, layout = prec.partition("-")
+        if dtype not in ("bf16", "fp32") or layout not in ("", "cl"):
+            raise SystemExit(f"--precisions: unknown entry {prec!r} (bf16, fp32, bf16-cl, fp32-cl)")
+        ctx = torch.autocast(dev.type, dtype=torch.bfloat16) if dtype == "bf16" else nullcontext()
         ms = new_model_state("server", mcfg, TrainConfig(), dev)
+        if layout == "cl":  # before the optimiser and EMA below take the parameters
+            ms.model.to(memory_format=torch.channels_last)
         if not a.no_compile:
             ms.model.forward = torch.compile(ms.model.forward)
         gen = torch.Generator().manual_seed(0)
