@@ -55,6 +55,10 @@ def parse_args(argv=None):
     a = p.parse_args(argv)
     if a.quick:
         a.rounds, a.steps = 1, 2
+    for prec in a.precisions.split(","):
+        dtype, _, layout = prec.partition("-")
+        if dtype not in ("bf16", "fp32") or layout not in ("", "cl"):
+            p.error(f"--precisions: unknown entry {prec!r} (bf16, fp32, bf16-cl, fp32-cl)")
     return a
 
 
@@ -79,8 +83,6 @@ def main(argv=None) -> int:
             result.setdefault("skipped", []).append(prec)
             continue
         dtype, _, layout = prec.partition("-")
-        if dtype not in ("bf16", "fp32") or layout not in ("", "cl"):
-            raise SystemExit(f"--precisions: unknown entry {prec!r} (bf16, fp32, bf16-cl, fp32-cl)")
         ctx = torch.autocast(dev.type, dtype=torch.bfloat16) if dtype == "bf16" else nullcontext()
         ms = new_model_state("server", mcfg, TrainConfig(), dev)
         if layout == "cl":  # before the optimiser and EMA below take the parameters
