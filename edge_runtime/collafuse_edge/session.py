@@ -452,8 +452,6 @@ class OnnxDenoiser:
             feeds[CLASS_LABELS] = class_labels
         try:
             out = self._graphs(feeds) if self._graphs is not None else self.session.run(self._out, feeds)[0]
-        except InputError:
-            raise
         except Exception as e:  # onnxruntime's own Fail/RuntimeException: a model that loads but cannot run
             raise BundleError(f"bundle {self.bundle.path}: onnxruntime failed to run {self.bundle.model_file.name} "
                               f"on a batch of {sample.shape[0]}: {e}. The model file may be damaged; re-download "
@@ -502,12 +500,11 @@ class CudaGraphs:
             io.bind_ortvalue_output(EPS, out)
             opts = ort.RunOptions()
             opts.add_run_config_entry("gpu_graph_id", str(len(self._graphs) + 1))
-            self._graphs[b] = g = (bufs, out, io, opts)
+            self._graphs[b] = (bufs, out, io, opts)  # fresh buffers: they already hold this call's inputs
         else:
             bufs, out, io, opts = g
             for n, v in feeds.items():
                 bufs[n].update_inplace(v)
-        bufs, out, io, opts = g
         self._session.run_with_iobinding(io, opts)
         return out.numpy()
 
