@@ -1,13 +1,13 @@
-"""Exceptions of the collafuse core. Messages say what was wrong, the value, and what to do."""
-from collafuse_edge.errors import CollafuseEdgeError, ScheduleError
+"""Exceptions of the collafuse core. Messages say what was wrong, the value, and what to do.
 
-
-class CollafuseError(CollafuseEdgeError):
-    """Base class of every error the core raises on purpose."""
+The root :class:`CollafuseError` lives in the bottom layer (``collafuse_edge.errors``) so that
+every package shares it; it is re-exported here.
+"""
+from collafuse_edge.errors import CollafuseError, InputError, ScheduleError
 
 
 class ConfigError(CollafuseError, ValueError):
-    """A configuration field has an invalid value."""
+    """A configuration field or command-line flag has an invalid value."""
 
 
 class DataError(CollafuseError, ValueError):
@@ -18,4 +18,4 @@ class CheckpointError(CollafuseError):
     """A run directory or checkpoint is missing, corrupted or does not match the config."""
 
 
-__all__ = ["CheckpointError", "CollafuseError", "ConfigError", "DataError", "ScheduleError"]
+__all__ = ["CheckpointError", "CollafuseError", "ConfigError", "DataError", "InputError", "ScheduleError"]

@@ -3,7 +3,8 @@
 This package is the bottom layer of the project: it never imports torch or diffusers, and the
 rest of collafuse imports its schedule maths and wire protocol from here.
 """
-from .errors import BundleError, CollafuseEdgeError, InputError, ProtocolError, ScheduleError, ServerError
+from .errors import (BundleError, CollafuseEdgeError, CollafuseError, InputError, ProtocolError, ScheduleError,
+                     ServerError, ServerRequestError)
 from .schedule import (
     Schedule,
     Timetable,
@@ -50,10 +51,12 @@ __all__ = [
     "SessionConfig",
     "load_bundle",
     "CollafuseEdgeError",
+    "CollafuseError",
     "ProtocolError",
     "Schedule",
     "ScheduleError",
     "ServerError",
+    "ServerRequestError",
     "Timetable",
     "__version__",
     "client_level_count",
