@@ -6,15 +6,19 @@
     collafuse-edge generate --bundle BUNDLE --local -n 16 --out images.npy     # c = 1 bundles
     collafuse-edge generate --bundle BUNDLE --server http://HOST:8080 -n 16 --out images.png  # token: $COLLAFUSE_TOKEN
 
-Exit codes: 0 success, 1 a refused bundle/input or a missing dependency, 2 bad usage.
+Sampling flags (every command that samples, as in ``collafuse sample``): ``--sampler {ddpm,ddim}``
+(default ddim), ``--client-steps N`` (DDIM evaluations on this device's levels; ``--steps`` is its
+old, deprecated name) and, for ``generate --server``, ``--server-steps N`` (the server's half).
+
+Exit codes (:mod:`collafuse_edge.cli_contract`): 0 success; 1 an operation failed (a server refused
+or could not be reached, a dependency is missing); 2 bad input (a flag, file or bundle: the message
+says which); 130 interrupted.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -22,10 +26,9 @@ import numpy as np
 
 from . import __version__
 from .bundle import load_bundle
-from .errors import CollafuseEdgeError, InputError
-from .images import check_output_path, save_images
+from .cli_contract import add_deprecated_alias, add_sampler_args, command, positive_int, run_command
+from .generate import GenerateRequest, generate_from_server, handoff_for, run_generate  # noqa: F401 (were here)
 from .sampler import SamplerConfig
-from .schedule import SAMPLERS, client_timetable
 from .session import GRAPH_OPTIMIZATIONS, SessionConfig
 
 PROG = "collafuse-edge"
@@ -85,16 +88,15 @@ def _session_config(args: argparse.Namespace) -> SessionConfig:
     )
 
 
-def _add_sampler_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("sampler")
-    g.add_argument("--sampler", choices=SAMPLERS, default="ddpm")
-    g.add_argument("--steps", type=int, default=None,
-                   help="client levels to evaluate (default: all k; fewer thin the DDIM timetable)")
+def _add_sampler_args(p: argparse.ArgumentParser, *, server: bool) -> None:
+    g = add_sampler_args(p, server=server)
+    add_deprecated_alias(g, "--steps", "--client-steps", dest="client_steps", type=positive_int)
     g.add_argument("--eta", type=float, default=0.0, help="DDIM noise scale (0 = deterministic)")
 
 
 def _sampler_config(args: argparse.Namespace) -> SamplerConfig:
-    return SamplerConfig(args.sampler, args.steps, args.eta)
+    """The client's half: DDIM thins its levels to ``--client-steps``; DDPM runs every level."""
+    return SamplerConfig(args.sampler, args.client_steps if args.sampler == "ddim" else None, args.eta)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="check a bundle (schema, hashes) and describe it")
     p.add_argument("--bundle", required=True, metavar="DIR")
     p.add_argument("--json", action="store_true", help="print the description as JSON")
-    p.set_defaults(handler=cmd_info)
+    p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("bench", help="time one denoiser call and one client loop on this device")
     p.add_argument("--bundle", required=True, metavar="DIR")
@@ -113,9 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=int, default=200, help="timed calls per batch size (default 200)")
     p.add_argument("--loop-runs", type=int, default=3, help="timed client loops per batch size (default 3)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
-    _add_sampler_args(p)
+    _add_sampler_args(p, server=False)
     _add_session_args(p)
-    p.set_defaults(handler=cmd_bench)
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("generate", help="finish handoff samples (or generate locally) and write images")
     p.add_argument("--bundle", required=True, metavar="DIR")
@@ -133,9 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", type=_labels, default=None, metavar="L[,L…]",
                    help="class labels: one for every image, or one per image (default: 0, 1, 2, … cycling)")
     p.add_argument("--max-batch", type=int, default=64, help="largest batch per denoiser call (default 64)")
-    _add_sampler_args(p)
+    _add_sampler_args(p, server=True)
     _add_session_args(p)
-    p.set_defaults(handler=cmd_generate)
+    p.set_defaults(func=cmd_generate)
     return parser
 
 
@@ -143,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
 # commands
 
 
+@command(PROG)
 def cmd_info(args: argparse.Namespace) -> int:
     desc = load_bundle(args.bundle).describe()
     if args.json:
@@ -168,6 +171,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+@command(PROG)
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import bench_runtime, format_table, machine_description
     from .runtime import EdgeRuntime
@@ -188,89 +192,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-@dataclass(frozen=True)
-class GenerateRequest:
-    bundle: str
-    out: str
-    n: int | None
-    from_file: str | None
-    local: bool
-    seed: int
-    labels: np.ndarray | int | None
-    max_batch: int
-    sampler: SamplerConfig
-    session: SessionConfig
-    server: str | None = None  # URL of a collafuse server (the handoff source instead of a file)
-    token: str | None = None  # its bearer token; None: $COLLAFUSE_TOKEN
-
-
-def _read_handoff_file(path: str) -> np.ndarray:
-    try:
-        return np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise InputError(f"handoff file {path!r} does not exist")
-    except (ValueError, OSError) as e:
-        raise InputError(f"handoff file {path!r} is not a readable .npy array ({e})") from e
-
-
-def handoff_for(req: GenerateRequest, rt):
-    """The Handoff a request starts from: a file's rows, or pure noise for ``--local``."""
-    from .runtime import Handoff
-
-    if req.local:
-        if req.n is None:
-            raise InputError("--local needs -n N, the number of images")
-        return rt.local_handoff(req.n, req.seed)
-    x = _read_handoff_file(req.from_file)
-    if x.ndim != 4:
-        raise InputError(f"handoff file {req.from_file!r} holds shape {list(x.shape)}; expected [B, C, H, W]")
-    if req.n is not None:
-        if req.n > x.shape[0]:
-            raise InputError(f"-n {req.n} asks for more images than the {x.shape[0]} rows of {req.from_file!r}")
-        x = x[: req.n]
-    return Handoff(x, rt.bundle.handoff_level, seed=req.seed)
-
-
-def generate_from_server(req: GenerateRequest, rt) -> np.ndarray:
-    """``-n`` images: the bundle is checked against the server, handoff samples come over HTTP
-    (chunks of the token's max_n with seeds seed, seed+1, …), this device finishes them."""
-    import asyncio
-
-    from .http_client import ClientConfig, ServerClient, generate_over_http
-
-    if req.n is None:
-        raise InputError("--server needs -n N, the number of images")
-
-    async def go() -> np.ndarray:
-        async with ServerClient(ClientConfig(req.server, token=req.token)) as server:
-            return await generate_over_http(rt, server, req.n, req.labels, seed=req.seed, sampler=req.sampler)
-
-    return asyncio.run(go())
-
-
-def run_generate(req: GenerateRequest) -> dict:
-    from .runtime import EdgeRuntime
-
-    check_output_path(req.out)
-    if req.n is not None and req.n < 1:
-        raise InputError(f"-n must be a positive integer, got {req.n}")
-    t0 = time.perf_counter()
-    rt = EdgeRuntime.open(req.bundle, req.session, max_batch=req.max_batch)
-    if req.server is not None:
-        images = generate_from_server(req, rt)
-    else:
-        images = rt.finish(handoff_for(req, rt), req.labels, sampler=req.sampler)
-    save_images(req.out, images)
-    return {"images": int(images.shape[0]), "out": req.out,
-            "levels": len(client_timetable(rt.bundle.client_levels, req.sampler.steps)),
-            "seconds": time.perf_counter() - t0, "providers": rt.denoiser.providers}
-
-
+@command(PROG)
 def cmd_generate(args: argparse.Namespace) -> int:
     req = GenerateRequest(
         bundle=args.bundle, out=args.out, n=args.n, from_file=args.from_file, local=args.local,
         seed=args.seed, labels=args.labels, max_batch=args.max_batch,
         sampler=_sampler_config(args), session=_session_config(args), server=args.server, token=args.token,
+        server_steps=args.server_steps,
     )
     r = run_generate(req)
     print(f"wrote {r['images']} images to {r['out']} ({r['levels']} client levels, "
@@ -281,11 +209,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        return args.handler(args)
-    except (CollafuseEdgeError, ImportError) as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 1
+    return run_command(PROG, args.func, args)
 
 
 if __name__ == "__main__":

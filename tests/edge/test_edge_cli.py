@@ -28,7 +28,7 @@ def test_info_json(capsys):
 
 def test_info_refuses_a_corrupt_bundle(cond_bundle, capsys):
     (cond_bundle / "denoiser.onnx").write_bytes(b"not onnx")
-    assert main(["info", "--bundle", str(cond_bundle)]) == 1
+    assert main(["info", "--bundle", str(cond_bundle)]) == 2  # bad input: the bundle
     err = capsys.readouterr().err
     assert err.startswith("collafuse-edge: error: bundle") and "truncated or replaced" in err
 
@@ -38,7 +38,7 @@ def test_generate_from_file_npy(tmp_path, capsys):
     np.save(tmp_path / "h.npy", x)
     out = tmp_path / "img.npy"
     rc = main(["generate", "--bundle", str(COND), "--from", str(tmp_path / "h.npy"), "--out", str(out),
-               "--seed", "3", "--labels", "1,2,3,4", "--threads", "1"])
+               "--seed", "3", "--labels", "1,2,3,4", "--threads", "1", "--sampler", "ddpm"])
     assert rc == 0, capsys.readouterr().err
     assert "wrote 4 images" in capsys.readouterr().out
     got = np.load(out)
@@ -50,7 +50,7 @@ def test_generate_from_file_png_and_n(tmp_path):
     np.save(tmp_path / "h.npy", initial_noise(0, (6, 1, 8, 8)))
     out = tmp_path / "grid.png"
     assert main(["generate", "--bundle", str(COND), "--from", str(tmp_path / "h.npy"), "-n", "4",
-                 "--out", str(out), "--sampler", "ddim", "--steps", "5", "--labels", "7"]) == 0
+                 "--out", str(out), "--sampler", "ddim", "--client-steps", "5", "--labels", "7"]) == 0
     from PIL import Image
 
     with Image.open(out) as im:
@@ -66,9 +66,29 @@ def test_generate_local(tmp_path):
         assert im.mode == "RGB"
     npy = tmp_path / "local.npy"
     assert main(["generate", "--bundle", str(LOCAL), "--local", "-n", "2", "--seed", "4",
-                 "--sampler", "ddim", "--steps", "5", "--out", str(npy)]) == 0
+                 "--sampler", "ddim", "--client-steps", "5", "--out", str(npy)]) == 0
     ref = EdgeRuntime.open(LOCAL).generate_local(2, seed=4, sampler=SamplerConfig("ddim", 5))
     assert np.array_equal(np.load(npy), ref)
+
+
+def test_generate_default_sampler_is_ddim_with_the_shared_step_flags(tmp_path):
+    npy = tmp_path / "d.npy"
+    assert main(["generate", "--bundle", str(LOCAL), "--local", "-n", "2", "--seed", "4", "--out", str(npy)]) == 0
+    ref = EdgeRuntime.open(LOCAL).generate_local(2, seed=4, sampler=SamplerConfig("ddim", 20))
+    assert np.array_equal(np.load(npy), ref)
+
+
+def test_steps_is_a_deprecated_alias_of_client_steps(tmp_path, capsys):
+    npy = tmp_path / "old.npy"
+    assert main(["generate", "--bundle", str(LOCAL), "--local", "-n", "2", "--seed", "4",
+                 "--sampler", "ddim", "--steps=5", "--out", str(npy)]) == 0
+    assert "--steps is deprecated" in capsys.readouterr().err
+    ref = EdgeRuntime.open(LOCAL).generate_local(2, seed=4, sampler=SamplerConfig("ddim", 5))
+    assert np.array_equal(np.load(npy), ref)
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    helptext = capsys.readouterr().out
+    assert "--client-steps" in helptext and not re.search(r"(?<![\w-])--steps\b", helptext)  # hidden
 
 
 @pytest.mark.parametrize("args,message", [
@@ -88,14 +108,14 @@ def test_generate_refusals(tmp_path, capsys, monkeypatch, args, message):
     np.save("h.npy", np.zeros((2, 1, 8, 8), np.float32))
     np.save("wrong.npy", np.zeros((2, 3, 8, 8), np.float32))
     (tmp_path / "bad.npy").write_bytes(b"nonsense")
-    assert main(["generate", "--bundle", str(COND), *args, "--out", "o.npy"]) == 1
+    assert main(["generate", "--bundle", str(COND), *args, "--out", "o.npy"]) == 2  # bad input
     err = capsys.readouterr().err
     assert re.search(message, err), err
     assert not (tmp_path / "o.npy").exists()
 
 
 def test_generate_refuses_a_bad_output_suffix_before_working(tmp_path, capsys):
-    assert main(["generate", "--bundle", str(LOCAL), "--local", "-n", "1", "--out", str(tmp_path / "x.jpg")]) == 1
+    assert main(["generate", "--bundle", str(LOCAL), "--local", "-n", "1", "--out", str(tmp_path / "x.jpg")]) == 2
     assert "must end in .png or .npy" in capsys.readouterr().err
 
 

@@ -176,12 +176,18 @@ def test_cli_generate_from_server(tmp_path, monkeypatch, capsys):
     with serve_in_thread(fake.app()) as url:
         monkeypatch.setenv("COLLAFUSE_TOKEN", TOKEN)
         rc = main(["generate", "--bundle", str(COND), "--server", url, "-n", "4", "--seed", "7",
-                   "--labels", "0,4,9,8", "--out", str(out)])
+                   "--labels", "0,4,9,8", "--out", str(out), "--sampler", "ddpm"])
         assert rc == 0, capsys.readouterr().err
         np.testing.assert_allclose(np.load(out), fake.reference["ddpm"], atol=1e-5, rtol=0)
+        assert "sampler" not in handoffs(fake)[-1]  # ddpm on both sides
+        # the default sampler (ddim) runs on both sides; --server-steps goes to the server
+        rc = main(["generate", "--bundle", str(COND), "--server", url, "-n", "2", "--server-steps", "7",
+                   "--client-steps", "5", "--out", str(tmp_path / "ddim.npy")])
+        assert rc == 0, capsys.readouterr().err
+        assert handoffs(fake)[-1]["sampler"] == "ddim" and handoffs(fake)[-1]["steps"] == 7
         rc = main(["generate", "--bundle", str(COND), "--server", url, "-n", "1", "--token", "nope",
                    "--out", str(out)])
         err = capsys.readouterr().err
         assert rc == 1 and "rejected the token" in err and "nope" not in err
         rc = main(["generate", "--bundle", str(COND), "--server", url, "--out", str(out)])
-        assert rc == 1 and "--server needs -n" in capsys.readouterr().err
+        assert rc == 2 and "--server needs -n" in capsys.readouterr().err  # bad input

@@ -63,7 +63,7 @@ def test_edge_client_over_http_equals_in_process_split_sampling(run_dir, loaded_
         os.environ["COLLAFUSE_TOKEN"] = TOKENS[0]
         try:
             rc = edge_main(["generate", "--bundle", bundle, "--server", server.url, "-n", "3", "--seed", str(seed),
-                            "--labels", ",".join(map(str, labels)), "--out", out])
+                            "--labels", ",".join(map(str, labels)), "--out", out, "--sampler", "ddpm"])
         finally:
             del os.environ["COLLAFUSE_TOKEN"]
         assert rc == 0
