@@ -1,17 +1,33 @@
 """``collafuse`` command line: thin wrappers that parse flags into config dataclasses and call
-one library function each. Exit codes: 0 ok, 2 bad input (with a one-line message), 1 failure."""
+one library function each.
+
+Subcommands: ``train``, ``sample``, ``demo``, ``client-train`` and ``evaluate`` live in the core;
+``export`` and ``serve`` (the upper layers, which the core never imports) register themselves
+through the ``collafuse.commands`` entry-point group: each entry point names a function that takes
+the subparsers object and adds its command. A plugin that fails to load raises; it is not skipped.
+
+The contract (:mod:`collafuse_edge.cli_contract`): exit codes 0 ok, 1 an operation failed (a
+server, an export, a missing dependency), 2 bad input with a one-line message (argparse's usage
+errors too), 130 interrupted; every handler is stored with ``set_defaults(func=...)``; ``--steps``
+is always a number of training steps and sampling takes ``--sampler``/``--server-steps``/``--client-steps``.
+"""
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+from importlib.metadata import entry_points
 from typing import Sequence
 
-from collafuse_edge.errors import CollafuseEdgeError
+from collafuse_edge.cli_contract import add_sampler_args, command, run_command
 
 from .config import (PRESETS, DataConfig, ModelConfig, RunConfig, ScheduleConfig, TrainConfig,
                      client_preset, server_preset)
 from .errors import ConfigError
+
+PROG = "collafuse"
+COMMANDS_GROUP = "collafuse.commands"  # entry points: name = "module:function(subparsers)"
+DEFAULT_TRAIN_STEPS = 3000
 
 
 def _model(preset: str, channels_text: str | None, image_size: int) -> ModelConfig:
@@ -39,7 +55,9 @@ def _cut_ratios(text: str, n: int) -> tuple[float, ...]:
     return vals
 
 
-def add_run_args(p: argparse.ArgumentParser, steps: int = 3000) -> None:
+def add_run_args(p: argparse.ArgumentParser, steps: int = DEFAULT_TRAIN_STEPS) -> None:
+    """The flags of a run's config. ``--steps`` parses to None when not given (``--resume`` keeps the
+    checkpoint's target then); :func:`train_steps` resolves it to ``steps``."""
     p.add_argument("--data", default="digits", help="'digits' (embedded), a MedMNIST-style .npz, or an image folder")
     p.add_argument("--image-size", type=int, default=16)
     p.add_argument("--clients", type=int, default=3, help="number of clients")
@@ -54,7 +72,8 @@ def add_run_args(p: argparse.ArgumentParser, steps: int = 3000) -> None:
     p.add_argument("--server-model", default="server", help="preset for the server model: " + ", ".join(PRESETS))
     p.add_argument("--client-channels", default=None, help="override block channels, e.g. 16,32")
     p.add_argument("--server-channels", default=None, help="override block channels, e.g. 32,64,64")
-    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--steps", type=int, default=None, help=f"training steps (default {steps})")
+    p.set_defaults(default_steps=steps)
     p.add_argument("--batch-size", type=int, default=64, help="per client")
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--ema-decay", type=float, default=0.999)
@@ -63,7 +82,13 @@ def add_run_args(p: argparse.ArgumentParser, steps: int = 3000) -> None:
     p.add_argument("--checkpoint-every", type=int, default=500)
 
 
+def train_steps(args: argparse.Namespace) -> int:
+    """``--steps`` if given, else the parser's default number of training steps."""
+    return args.steps if args.steps is not None else getattr(args, "default_steps", DEFAULT_TRAIN_STEPS)
+
+
 def run_config_from(args: argparse.Namespace) -> RunConfig:
+    steps = train_steps(args)
     data = DataConfig(args.data, args.image_size, args.clients, args.partition, 0.2, args.seed)
     return RunConfig(
         data=data,
@@ -74,23 +99,25 @@ def run_config_from(args: argparse.Namespace) -> RunConfig:
         class_conditional=not args.unconditional,
         server_conditioning=args.server_conditioning,
         objective=args.objective,
-        train=TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, ema_decay=args.ema_decay,
+        train=TrainConfig(steps=steps, batch_size=args.batch_size, lr=args.lr, ema_decay=args.ema_decay,
                           seed=args.seed, device=args.device,
-                          checkpoint_every=min(args.checkpoint_every, max(args.steps, 1))),
+                          checkpoint_every=min(args.checkpoint_every, max(steps, 1))),
     )
 
 
+@command("collafuse train")
 def cmd_train(args: argparse.Namespace) -> int:
     from .train import train
 
-    if args.resume:
-        res = train(None, args.out, resume=True, steps=args.steps_given)
+    if args.resume:  # --steps not given: the run's own target
+        res = train(None, args.out, resume=True, steps=args.steps)
     else:
         res = train(run_config_from(args), args.out)
     print(f"trained to step {res.step} in {res.wall_s:.1f} s ({res.steps_per_s:.2f} steps/s); run: {res.run_dir}")
     return 0
 
 
+@command("collafuse sample")
 def cmd_sample(args: argparse.Namespace) -> int:
     from collafuse_edge.images import check_output_path, save_images
 
@@ -114,6 +141,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+@command("collafuse demo")
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import DemoConfig, run_demo
 
@@ -122,6 +150,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+@command("collafuse client-train")
 def cmd_client_train(args: argparse.Namespace) -> int:
     from .client_train import ClientTrainConfig, ClientTrainer
 
@@ -146,7 +175,8 @@ def cmd_client_train(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="collafuse", description="Collaborative diffusion by split learning (CollaFuse).")
+    p = argparse.ArgumentParser(prog=PROG, description="Collaborative diffusion by split learning (CollaFuse).",
+                                epilog="exit codes: 0 ok, 1 an operation failed, 2 bad input, 130 interrupted")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train server + client models in one process")
@@ -159,9 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--run", required=True)
     s.add_argument("--client", default="all", help="client index or 'all'")
     s.add_argument("-n", type=int, default=16, help="images per client")
-    s.add_argument("--sampler", default="ddim", help="ddim | ddpm")
-    s.add_argument("--server-steps", type=int, default=40)
-    s.add_argument("--client-steps", type=int, default=20)
+    add_sampler_args(s)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", default="auto")
     s.add_argument("--out", required=True, help="output .png (grid) or .npy")
@@ -185,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     ct.add_argument("--partition", default="iid")
     ct.add_argument("--client-model", default="client")
     ct.add_argument("--client-channels", default=None)
-    ct.add_argument("--steps", type=int, default=3000)
+    ct.add_argument("--steps", type=int, default=DEFAULT_TRAIN_STEPS, help="training steps")
     ct.add_argument("--batch-size", type=int, default=64)
     ct.add_argument("--lr", type=float, default=2e-4)
     ct.add_argument("--seed", type=int, default=0)
@@ -195,32 +223,17 @@ def build_parser() -> argparse.ArgumentParser:
     ct.add_argument("--upload-batch", type=int, default=64, help="rows per uploaded batch")
     ct.set_defaults(func=cmd_client_train)
 
-    for mod, fn in (("collafuse.export.cli", "add_export_parser"), ("collafuse.server.cli", "add_serve_parser"),
-                    ("collafuse.metrics.cli", "add_evaluate_parser")):
-        try:
-            module = __import__(mod, fromlist=[fn])
-        except ImportError as e:
-            if mod in str(e) or getattr(e, "name", "") == mod:
-                continue
-            raise
-        getattr(module, fn)(sub)
+    from .metrics.cli import add_evaluate_parser
+
+    add_evaluate_parser(sub)
+    for ep in sorted(entry_points(group=COMMANDS_GROUP), key=lambda e: e.name):
+        ep.load()(sub)  # a broken plugin raises here: a missing command would be a worse surprise
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    args.steps_given = getattr(args, "steps", None) if "--steps" in argv else None
-    try:
-        fn = getattr(args, "func", None) or args.handler
-        return int(fn(args) or 0)
-    except (CollafuseEdgeError, ValueError) as e:
-        print(f"collafuse {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
+    return run_command(f"{PROG} {args.command}", args.func, args)
 
 
 if __name__ == "__main__":

@@ -2,49 +2,27 @@
 
     collafuse export --run runs/demo --client 0 --out bundles/client0 --precision fp32
 
-Wire it into the main CLI with :func:`add_export_parser`; the handler returns an exit code.
+The ``collafuse`` command finds :func:`add_export_parser` through the ``collafuse.commands`` entry
+point; the handler returns an exit code. The work is :func:`collafuse.export.client_export.export_client`
+(still importable from here).
+
+Exit codes (:mod:`collafuse_edge.cli_contract`): 0 ok; 1 the export failed (it did not convert,
+validate or pass the quality gate); 2 bad input (run directory, client index, flag); 130 interrupted.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 
 from collafuse_edge.bundle import PRECISIONS
+from collafuse_edge.cli_contract import command
 
-from .errors import ExportError
+from .client_export import export_client
 
 # Mirrors of onnx_export.EXPORTERS / MIN_OPSET, so building the parser imports neither torch
 # nor onnx (a test keeps them equal).
 EXPORTERS = ("auto", "dynamo", "legacy")
 MIN_OPSET = 18
-
-
-def export_client(run_dir: str, client: int, out_dir: str, config=None, *, overwrite: bool = False):
-    """Export client ``client`` of the run in ``run_dir`` (its EMA weights, its cut ratio;
-    its own training images calibrate int8 and feed the quality gate). Returns an ExportResult."""
-    from collafuse.checkpoint import load_run
-
-    from .exporter import ExportConfig, export_bundle
-
-    config = config or ExportConfig()
-
-    run = load_run(run_dir, device="cpu")
-    n = len(run.clients)
-    if isinstance(client, bool) or not isinstance(client, int) or not (0 <= client < n):
-        raise ExportError(f"client must be an index in [0, {n - 1}] for run {run_dir!r}, got {client!r}")
-    images = labels = None
-    if config.precision != "fp32":
-        from collafuse.data import load_dataset, partition
-
-        ds = load_dataset(run.config.data.source, run.config.data.image_size)
-        part = partition(ds, run.config.data)[client]
-        images, labels = part.train_images, part.train_labels
-    source = {"run": os.path.abspath(run_dir), "client": client, "step": run.step}
-    return export_bundle(run.clients[client], run.schedule, run.config.cut_ratios[client], out_dir,
-                         config=config, calibration_images=images, calibration_labels=labels,
-                         source=source, overwrite=overwrite)
 
 
 def add_export_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -73,18 +51,13 @@ def add_export_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
     return p
 
 
+@command("collafuse export")
 def cmd_export(args: argparse.Namespace) -> int:
-    from collafuse_edge.errors import CollafuseEdgeError
-
     from .exporter import ExportConfig
 
-    try:
-        cfg = ExportConfig(precision=args.precision, opset=args.opset, exporter=args.exporter,
-                           atol=args.atol, rtol=args.rtol, measure_speed=not args.no_speed)
-        result = export_client(args.run, args.client, args.out, cfg, overwrite=args.overwrite)
-    except CollafuseEdgeError as e:  # ExportError, CheckpointError, ConfigError, BundleError, …
-        print(f"collafuse export: error: {e}", file=sys.stderr)
-        return 1
+    cfg = ExportConfig(precision=args.precision, opset=args.opset, exporter=args.exporter,
+                       atol=args.atol, rtol=args.rtol, measure_speed=not args.no_speed)
+    result = export_client(args.run, args.client, args.out, cfg, overwrite=args.overwrite)
     m = result.manifest
     summary = {
         "bundle": str(result.bundle_dir), "precision": m["precision"], "exporter": m["model"]["exporter"],
@@ -106,3 +79,6 @@ def cmd_export(args: argparse.Namespace) -> int:
         if summary["speed"]:
             print(f"speed: {summary['speed']}")
     return 0
+
+
+__all__ = ["EXPORTERS", "MIN_OPSET", "add_export_parser", "cmd_export", "export_client"]

@@ -5,6 +5,8 @@ from collafuse.errors import CollafuseError
 class ExportError(CollafuseError):
     """torch → ONNX conversion, or writing the bundle, failed."""
 
+    exit_code = 1  # an operation failed (see collafuse_edge.cli_contract)
+
 
 class ValidationError(ExportError):
     """The exported ONNX model disagrees with the torch model beyond the declared tolerance."""

@@ -4,13 +4,18 @@
     collafuse serve --run runs/demo --config server.toml --workers 4        # gunicorn, 4 processes
     collafuse serve --new-token 0                                           # a token for client 0
 
-``collafuse/cli.py`` wires :func:`add_serve_parser` in; the handler returns an exit code.
-Parsing imports neither torch nor aiohttp.
+The ``collafuse`` command finds :func:`add_serve_parser` through the ``collafuse.commands`` entry
+point; the handler returns an exit code. Parsing imports neither torch nor aiohttp.
+
+Exit codes (:mod:`collafuse_edge.cli_contract`): 0 ok (also after a graceful shutdown); 1 an
+operation failed; 2 bad input (run directory, config file, tokens, flags); 130 interrupted.
 """
 from __future__ import annotations
 
 import argparse
 import logging
+
+from collafuse_edge.cli_contract import command
 
 from .config import PRECISIONS
 
@@ -51,7 +56,7 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.add_argument("--new-token", type=int, metavar="K", default=None,
                    help="print a fresh token for client K and the [[tokens]] entry to add, then exit")
-    p.set_defaults(func=cmd_serve, handler=cmd_serve)
+    p.set_defaults(func=cmd_serve)
     return p
 
 
@@ -60,6 +65,7 @@ _OPTIONS = ("host", "port", "device", "precision", "compile", "cuda_graphs", "th
             "tls_key", "warmup", "workers", "train")
 
 
+@command("collafuse serve")
 def cmd_serve(args: argparse.Namespace) -> int:
     from .config import load_server_config, new_token, token_entry_text
     from .errors import ServerConfigError

@@ -1,17 +1,22 @@
 """``collafuse evaluate``: quality, disclosure, reconstruction attack and cost of a trained run.
 
-    collafuse evaluate --run runs/demo --out runs/demo/eval -n 100 --steps 50
+    collafuse evaluate --run runs/demo --out runs/demo/eval -n 100 --sample-steps 50
     collafuse evaluate --run runs/demo --bundle bundles/client0   # client latency on collafuse-edge
 
 Prints one row per client and writes ``report.json`` plus sample and attack grids to ``--out``
-(default ``RUN/eval``). Exit codes: 0 ok, 2 bad input, 1 failure.
+(default ``RUN/eval``). ``--sampler`` is the shared flag (default ddim); ``--sample-steps`` is one
+per-image budget of DDIM evaluations that each client shares with the server in proportion to
+their levels, so clients with different cuts are compared at equal cost (``--steps`` is its old,
+deprecated name). Exit codes (:mod:`collafuse_edge.cli_contract`): 0 ok, 1 an operation failed,
+2 bad input, 130 interrupted.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import sys
+
+from collafuse_edge.cli_contract import add_deprecated_alias, add_sampler_args, command, positive_int
 
 
 def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -25,9 +30,8 @@ def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
     p.add_argument("--run", required=True, metavar="DIR", help="a trained run directory")
     p.add_argument("--out", default=None, metavar="DIR", help="where to write report.json and grids (default RUN/eval)")
     p.add_argument("-n", "--num-images", type=int, default=100, help="images generated per client (default 100)")
-    p.add_argument("--sampler", default="ddim", help="ddim | ddpm (every level)")
-    p.add_argument("--steps", type=int, default=50,
-                   help="DDIM evaluations per image, shared by server and client in proportion to their levels")
+    g = add_sampler_args(p, total_steps=50)
+    add_deprecated_alias(g, "--steps", "--sample-steps", dest="sample_steps", type=positive_int)
     p.add_argument("--disclosed", type=int, default=200,
                    help="training images per client whose disclosure x_h is drawn and attacked (default 200)")
     p.add_argument("--no-attack", action="store_true", help="skip the reconstruction attack")
@@ -47,28 +51,23 @@ def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true", help="print the whole report as JSON instead of a table")
-    p.set_defaults(func=cmd_evaluate, handler=cmd_evaluate)
+    p.set_defaults(func=cmd_evaluate)
     return p
 
 
+@command("collafuse evaluate")
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from collafuse_edge.errors import CollafuseEdgeError
-
     from ..evaluate import EvalConfig, evaluate_run, format_rows, summary_rows
     from ..train import resolve_device
 
-    try:
-        ec = EvalConfig(num_images=args.num_images, sampler=args.sampler,
-                        sample_steps=args.steps if args.sampler == "ddim" else None,
-                        num_disclosed=args.disclosed, attack=not args.no_attack,
-                        latency=args.latency or ("edge" if args.bundle else "torch"), bundle=args.bundle,
-                        threads=args.threads, feature_net=args.feature_net, feature_cache=args.feature_cache,
-                        kd_subsets=args.kd_subsets, seed=args.seed, device=str(resolve_device(args.device)))
-        out = args.out or os.path.join(args.run, "eval")
-        report = evaluate_run(args.run, ec, out_dir=out, progress=not args.json)
-    except (CollafuseEdgeError, ValueError) as e:
-        print(f"collafuse evaluate: error: {e}", file=sys.stderr)
-        return 2
+    ec = EvalConfig(num_images=args.num_images, sampler=args.sampler,
+                    sample_steps=args.sample_steps if args.sampler == "ddim" else None,
+                    num_disclosed=args.disclosed, attack=not args.no_attack,
+                    latency=args.latency or ("edge" if args.bundle else "torch"), bundle=args.bundle,
+                    threads=args.threads, feature_net=args.feature_net, feature_cache=args.feature_cache,
+                    kd_subsets=args.kd_subsets, seed=args.seed, device=str(resolve_device(args.device)))
+    out = args.out or os.path.join(args.run, "eval")
+    report = evaluate_run(args.run, ec, out_dir=out, progress=not args.json)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
         return 0

@@ -178,7 +178,7 @@ def test_shared_noise_disclosure_is_inverted_exactly(tmp_path, feature_file):
 
 def test_cli_evaluate(run_dir, feature_file, tmp_path, capsys):
     out = str(tmp_path / "ev")
-    rc = main(["evaluate", "--run", run_dir, "--out", out, "-n", "8", "--steps", "6", "--disclosed", "8",
+    rc = main(["evaluate", "--run", run_dir, "--out", out, "-n", "8", "--sample-steps", "6", "--disclosed", "8",
                "--latency", "none", "--kd-subsets", "3", "--feature-net", feature_file, "--no-attack"])
     assert rc == 0
     printed = capsys.readouterr().out

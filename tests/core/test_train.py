@@ -172,3 +172,42 @@ def test_cli_train_and_sample(tmp_path, capsys):
 
     x = np.load(npy)
     assert x.shape == (2, 1, 16, 16) and np.all(np.abs(x) <= 1.0 + 1e-6)
+
+
+def test_cli_steps_means_training_steps_and_resume_sees_it_without_argv_sniffing():
+    from collafuse.cli import build_parser, train_steps
+
+    parser = build_parser()
+    for argv in (["train", "--out", "X", "--resume", "--steps=7"], ["train", "--out", "X", "--resume", "--steps", "7"]):
+        assert parser.parse_args(argv).steps == 7
+    args = parser.parse_args(["train", "--out", "X", "--resume"])
+    assert args.steps is None and train_steps(args) == 3000  # resume keeps the run's own target
+    assert train_steps(parser.parse_args(["train", "--out", "X", "--steps=5"])) == 5
+
+
+def test_cli_one_contract_for_every_subcommand(capsys):
+    import argparse
+    import inspect
+
+    import collafuse.cli as core_cli
+    from collafuse.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert {"train", "sample", "demo", "client-train", "evaluate", "export", "serve"} <= set(sub.choices)
+    for name, p in sub.choices.items():
+        assert callable(p.get_default("func")) and p.get_default("handler") is None, name
+    # the upper layers come in through entry points: the core names neither package
+    src = inspect.getsource(core_cli)
+    assert "collafuse.export" not in src and "collafuse.server" not in src
+    # one sampler flag set: a validated choice, default ddim, on every command that samples
+    s = parser.parse_args(["sample", "--run", "R", "--out", "o.png"])
+    assert (s.sampler, s.server_steps, s.client_steps) == ("ddim", 40, 20)
+    e = parser.parse_args(["evaluate", "--run", "R"])
+    assert (e.sampler, e.sample_steps) == ("ddim", 50)
+    with pytest.raises(SystemExit) as ex:
+        parser.parse_args(["sample", "--run", "R", "--out", "o.png", "--sampler", "euler"])
+    assert ex.value.code == 2
+    capsys.readouterr()
+    e = parser.parse_args(["evaluate", "--run", "R", "--steps", "6"])  # the old name still works
+    assert e.sample_steps == 6 and "--steps is deprecated" in capsys.readouterr().err

@@ -1,0 +1,35 @@
+"""Export one client of a trained run: the library function behind ``collafuse export``."""
+from __future__ import annotations
+
+import os
+
+from .errors import ExportError
+
+
+def export_client(run_dir: str, client: int, out_dir: str, config=None, *, overwrite: bool = False):
+    """Export client ``client`` of the run in ``run_dir`` (its EMA weights, its cut ratio;
+    its own training images calibrate int8 and feed the quality gate). Returns an ExportResult."""
+    from collafuse.checkpoint import load_run
+
+    from .exporter import ExportConfig, export_bundle
+
+    config = config or ExportConfig()
+
+    run = load_run(run_dir, device="cpu")
+    n = len(run.clients)
+    if isinstance(client, bool) or not isinstance(client, int) or not (0 <= client < n):
+        raise ExportError(f"client must be an index in [0, {n - 1}] for run {run_dir!r}, got {client!r}")
+    images = labels = None
+    if config.precision != "fp32":
+        from collafuse.data import load_dataset, partition
+
+        ds = load_dataset(run.config.data.source, run.config.data.image_size)
+        part = partition(ds, run.config.data)[client]
+        images, labels = part.train_images, part.train_labels
+    source = {"run": os.path.abspath(run_dir), "client": client, "step": run.step}
+    return export_bundle(run.clients[client], run.schedule, run.config.cut_ratios[client], out_dir,
+                         config=config, calibration_images=images, calibration_labels=labels,
+                         source=source, overwrite=overwrite)
+
+
+__all__ = ["export_client"]
