@@ -6,6 +6,8 @@
 CLI: ``collafuse export --run DIR --client K --out BUNDLE [--precision fp32|fp16|int8]``.
 Names load on first use, so wiring the CLI parser does not import onnx.
 """
+from collafuse_edge.lazy import lazy_getattr
+
 _LAZY = {
     "ExportConfig": "exporter",
     "ExportResult": "exporter",
@@ -21,10 +23,4 @@ _LAZY = {
 
 __all__ = sorted(_LAZY)
 
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)

@@ -5,6 +5,7 @@ rest of collafuse imports its schedule maths and wire protocol from here.
 """
 from .errors import (BundleError, CollafuseEdgeError, CollafuseError, InputError, ProtocolError, ScheduleError,
                      ServerError, ServerRequestError)
+from .lazy import lazy_getattr
 from .schedule import (
     Schedule,
     Timetable,
@@ -30,13 +31,7 @@ _LAZY = {
     "SessionConfig": "session",
 }
 
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)
 
 
 __all__ = [
