@@ -7,9 +7,12 @@ CLI: ``collafuse serve --run DIR --config server.toml [--host H] [--port P] [--w
 Routes and the wire format: ``server/openapi.json`` and :mod:`collafuse_edge.protocol`.
 Names load on first use, so wiring the CLI parser imports neither torch nor aiohttp.
 """
+from collafuse_edge.lazy import lazy_getattr
+
 _LAZY = {
     "create_app": "app",
-    "STATE": "app",
+    "STATE": "state",
+    "ServerState": "state",
     "ServerConfig": "config",
     "TokenEntry": "config",
     "hash_token": "config",
@@ -26,10 +29,4 @@ _LAZY = {
 
 __all__ = sorted(_LAZY)
 
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)

@@ -5,8 +5,7 @@ cleanup context (loaded in a thread, warmed up, then ``/readyz`` turns ready) an
 on shutdown the app first drains: ``/readyz`` answers 503, new handoffs are refused with 503,
 and in-flight handoffs finish (up to ``drain_timeout_s``) before the engine stops.
 
-Routes live in :mod:`.routes`; ``POST /v1/train`` is a later addition that registers itself the
-same way (``add_v1_routes``) and reuses the auth and error handling.
+The state and its key live in :mod:`.state`; every route is registered in :mod:`.routes`.
 
 Example::
 
@@ -18,59 +17,23 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 from aiohttp import web
 
-from collafuse.checkpoint import DataInfo, LoadedRun, latest_checkpoint, read_config, read_data_info, read_state
-from collafuse.config import RunConfig
+from collafuse.checkpoint import LoadedRun, latest_checkpoint, read_config, read_data_info, read_state
 
 from .auth import TokenStore
 from .config import ServerConfig
 from .engine import StepEngine
 from .errors import ServerConfigError
-from .metrics import ServerMetrics
+from .middleware import error_middleware, quiet_malformed_http_logs
+from .prometheus import ServerMetrics
+from .routes import setup_routes
+from .state import STATE, ServerState
+from .token_reload import token_reload_ctx
 
 log = logging.getLogger("collafuse.server")
-
-
-@dataclass
-class ServerState:
-    """What the views need. ``engine`` and ``model_version`` are set once the model is loaded."""
-
-    config: ServerConfig
-    run_config: RunConfig
-    data: DataInfo
-    tokens: TokenStore
-    metrics: ServerMetrics
-    engine: StepEngine | None = None
-    model_version: str = ""
-    step: int = 0
-    accel: str = ""
-    device: str = ""
-    draining: bool = False
-    schedule_doc: dict = field(default_factory=dict, repr=False)  # /v1/info's schedule, built once
-    preloaded: LoadedRun | None = field(default=None, repr=False)
-    trainer: object | None = field(default=None, repr=False)  # collafuse.server_training.ServerTrainer
-
-    def training_progress(self) -> dict:
-        return {"enabled": True, **self.trainer.progress()} if self.trainer is not None else {"enabled": False}
-
-    @property
-    def ready(self) -> bool:
-        return self.engine is not None and self.engine.accepting and not self.draining
-
-    @property
-    def conditional(self) -> bool:
-        return self.run_config.server_conditioning == "label"
-
-    @property
-    def sample_shape(self) -> tuple[int, int, int]:
-        return (self.data.channels, self.data.image_size, self.data.image_size)
-
-
-STATE = web.AppKey("collafuse_state", ServerState)
 
 
 def model_version(run_dir: str) -> tuple[str, int]:
@@ -172,9 +135,6 @@ async def _trainer_ctx(app: web.Application) -> AsyncIterator[None]:
     if trainer.step > 0:  # resumed: serve what the trainer had last published
         sd = trainer.ema_state_dict()
         await loop.run_in_executor(None, _publish_weights, app, loop, sd, trainer.step)
-    from .train_routes import TRAINER
-
-    app[TRAINER] = trainer
     state.trainer = trainer
     trainer.start()
     log.info("training the server model from client uploads (step %d, %d batches pending)", trainer.step,
@@ -191,9 +151,6 @@ def create_app(config: ServerConfig, *, run: LoadedRun | None = None) -> web.App
 
     Raises ServerConfigError at once for a bad run directory or token table, before any port opens.
     """
-    from .middleware import error_middleware, quiet_malformed_http_logs
-    from .routes import setup_routes
-
     quiet_malformed_http_logs()
 
     run_config = read_config(config.run_dir) if run is None else run.config
@@ -205,15 +162,9 @@ def create_app(config: ServerConfig, *, run: LoadedRun | None = None) -> web.App
     body_limit = max(config.max_body_bytes, config.max_train_body_bytes if config.train else 0)
     app = web.Application(client_max_size=body_limit, middlewares=[error_middleware])
     app[STATE] = state
-    from .token_reload import token_reload_ctx
-
     app.cleanup_ctx.append(token_reload_ctx)  # first: SIGHUP must not kill a server still loading
     app.cleanup_ctx.append(_engine_ctx)
     app.cleanup_ctx.append(_trainer_ctx)
     app.on_shutdown.append(_drain)
     setup_routes(app)
-    from .routes import add_v1_routes
-    from .train_routes import TRAIN_ROUTES
-
-    add_v1_routes(app, TRAIN_ROUTES)
     return app

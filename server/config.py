@@ -34,6 +34,8 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
+from collafuse_edge.validation import check_choice, check_int, check_number, is_int, is_number
+
 from .errors import ServerConfigError
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -48,20 +50,6 @@ def hash_token(token: str) -> str:
 def new_token() -> str:
     """A fresh random bearer token (256 bits, URL-safe)."""
     return secrets.token_urlsafe(32)
-
-
-def _positive_int(where: str, name: str, value: Any, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ServerConfigError(f"{where}{name} must be a positive integer, got {value!r}")
-
-
-def _positive_number(where: str, name: str, value: Any, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value > 0) or math.isinf(value):
-        raise ServerConfigError(f"{where}{name} must be a positive number, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -85,21 +73,18 @@ class TokenEntry:
                 f"{where}sha256 must be the 64-character lowercase hex sha256 digest of the token "
                 "(see `collafuse serve --new-token K`); plain tokens are not stored in config files"
             )
-        if isinstance(self.client, bool) or not isinstance(self.client, int) or self.client < 0:
+        if not is_int(self.client) or self.client < 0:
             raise ServerConfigError(f"{where}client must be a client index ≥ 0, got {self.client!r}")
         if not isinstance(self.name, str):
             raise ServerConfigError(f"{where}name must be a string, got {self.name!r}")
         if not self.name:
             object.__setattr__(self, "name", f"client-{self.client}")
-        if self.cut_ratio is not None and (
-            isinstance(self.cut_ratio, bool) or not isinstance(self.cut_ratio, (int, float))
-            or not (0.0 <= self.cut_ratio <= 1.0)
-        ):
-            raise ServerConfigError(f"{where}cut_ratio must be a number in [0, 1], got {self.cut_ratio!r}")
-        _positive_int(where, "max_n", self.max_n, allow_none=True)
-        _positive_number(where, "requests_per_minute", self.requests_per_minute, allow_none=True)
-        _positive_int(where, "burst", self.burst, allow_none=True)
-        _positive_int(where, "images_per_day", self.images_per_day, allow_none=True)
+        check_number(f"{where}cut_ratio", self.cut_ratio, low=0, high=1, allow_none=True, error=ServerConfigError)
+        check_int(f"{where}max_n", self.max_n, low=1, allow_none=True, error=ServerConfigError)
+        check_number(f"{where}requests_per_minute", self.requests_per_minute, positive=True, allow_none=True,
+                     error=ServerConfigError)
+        check_int(f"{where}burst", self.burst, low=1, allow_none=True, error=ServerConfigError)
+        check_int(f"{where}images_per_day", self.images_per_day, low=1, allow_none=True, error=ServerConfigError)
         if not isinstance(self.disabled, bool):
             raise ServerConfigError(f"{where}disabled must be true or false, got {self.disabled!r}")
 
@@ -146,11 +131,9 @@ class ServerConfig:
         object.__setattr__(self, "tokens", tuple(self.tokens))
         if not isinstance(self.run_dir, str) or not self.run_dir:
             raise ServerConfigError(f"run_dir must be a run directory path, got {self.run_dir!r}")
-        if isinstance(self.port, bool) or not isinstance(self.port, int) or not (0 <= self.port <= 65535):
-            raise ServerConfigError(f"port must be an integer in [0, 65535], got {self.port!r}")
-        if self.precision not in PRECISIONS:
-            raise ServerConfigError(f"precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}")
-        if isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 0:
+        check_int("port", self.port, low=0, high=65535, error=ServerConfigError)
+        check_choice("precision", self.precision, PRECISIONS, error=ServerConfigError)
+        if not is_int(self.threads) or self.threads < 0:
             raise ServerConfigError(f"threads must be an integer ≥ 0, got {self.threads!r}")
         if not isinstance(self.train, bool):
             raise ServerConfigError(f"train must be true or false, got {self.train!r}")
@@ -158,19 +141,16 @@ class ServerConfig:
             raise ServerConfigError("train = true needs workers = 1: one process owns the training queue; "
                                     "scale training out with torchrun (docs/operations.md)")
         for name in ("max_train_rows", "max_train_body_bytes", "train_batch_rows", "train_checkpoint_every",
-                     "max_pending_batches"):
-            _positive_int("", name, getattr(self, name))
-        for name in ("max_batch_rows", "max_n", "max_queue", "max_body_bytes", "workers"):
-            _positive_int("", name, getattr(self, name))
+                     "max_pending_batches", "max_batch_rows", "max_n", "max_queue", "max_body_bytes", "workers"):
+            check_int(name, getattr(self, name), low=1, error=ServerConfigError)
         if self.max_n > self.max_batch_rows:
             raise ServerConfigError(
                 f"max_n ({self.max_n}) must not exceed max_batch_rows ({self.max_batch_rows}): "
                 "a request must fit into one model forward"
             )
         for name in ("drain_timeout_s", "keepalive_timeout_s", "body_timeout_s", "send_timeout_s"):
-            _positive_number("", name, getattr(self, name))
-        if (isinstance(self.token_reload_s, bool) or not isinstance(self.token_reload_s, (int, float))
-                or not (self.token_reload_s >= 0) or math.isinf(self.token_reload_s)):
+            check_number(name, getattr(self, name), positive=True, error=ServerConfigError)
+        if not is_number(self.token_reload_s) or not (self.token_reload_s >= 0) or math.isinf(self.token_reload_s):
             raise ServerConfigError(f"token_reload_s must be a number of seconds ≥ 0 (0: only on SIGHUP), "
                                     f"got {self.token_reload_s!r}")
         if self.config_file is not None and not isinstance(self.config_file, str):

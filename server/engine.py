@@ -39,7 +39,7 @@ import torch
 from collafuse_edge.noise import PURPOSE_INITIAL, PURPOSE_STEP, keyed_normal
 from collafuse_edge.schedule import Schedule, needs_noise, server_timetable, step
 
-from .errors import EngineBusy, EngineClosed, ServerError
+from .errors import EngineBusy, EngineClosed, ServerAppError
 
 log = logging.getLogger("collafuse.server")
 
@@ -192,7 +192,7 @@ class StepEngine:
         if len(self._waiting) >= self.max_queue:
             raise EngineBusy(f"the server queue is full ({self.max_queue} requests waiting); retry later")
         if spec.n > self.max_batch_rows:
-            raise ServerError(f"n={spec.n} exceeds max_batch_rows {self.max_batch_rows}")
+            raise ServerAppError(f"n={spec.n} exceeds max_batch_rows {self.max_batch_rows}")
         loop = asyncio.get_running_loop()
         pairs = np.array(self.timetable_pairs(spec), dtype=np.int64).reshape(-1, 2)
         job = _Job(spec, (spec.n, *self.sample_shape), pairs, loop.create_future(), time.perf_counter())
@@ -250,7 +250,7 @@ class StepEngine:
                 log.exception("engine step failed for %d requests", len(batch))
                 for j in batch:
                     if not j.future.done():
-                        j.future.set_exception(ServerError(f"the server failed to compute the handoff: {e}"))
+                        j.future.set_exception(ServerAppError(f"the server failed to compute the handoff: {e}"))
                 self._active = [j for j in self._active if j not in batch]
                 continue
             if self.metrics is not None:

@@ -8,23 +8,26 @@ from __future__ import annotations
 from collafuse.errors import CollafuseError
 
 
-class ServerError(CollafuseError):
-    """Base class of every error the server raises on purpose."""
+class ServerAppError(CollafuseError):
+    """Base class of every error the server application raises on purpose.
+
+    Not to be confused with :class:`collafuse_edge.errors.ServerRequestError`, which a client
+    raises when a request to a server fails."""
 
 
-class ServerConfigError(ServerError, ValueError):
+class ServerConfigError(ServerAppError, ValueError):
     """The server's configuration (flags, config file, token entries) is invalid."""
 
 
-class EngineClosed(ServerError):
+class EngineClosed(ServerAppError):
     """The batching engine is draining or stopped and takes no new work."""
 
 
-class EngineBusy(ServerError):
+class EngineBusy(ServerAppError):
     """The engine's queue is full."""
 
 
-class ApiError(ServerError):
+class ApiError(ServerAppError):
     """A request the server refuses: HTTP ``status``, a stable machine-readable ``code``."""
 
     def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None):

@@ -13,13 +13,13 @@ Body (every field but ``n`` optional; unknown fields are refused so typos don't 
 """
 from __future__ import annotations
 
-import math
 import secrets
 from typing import Any
 
 import numpy as np
 
 from collafuse_edge.schedule import SAMPLERS
+from collafuse_edge.validation import is_int
 
 from .auth import Grant
 from .engine import HandoffSpec
@@ -27,10 +27,6 @@ from .errors import ApiError, bad_request
 
 FIELDS = ("n", "labels", "seed", "sampler", "steps", "eta", "handoff_level", "client")
 MAX_SEED = 2**63 - 1
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def parse_handoff(body: Any, grant: Grant, *, T: int, num_classes: int | None, conditional: bool) -> HandoffSpec:
@@ -52,7 +48,7 @@ def parse_handoff(body: Any, grant: Grant, *, T: int, num_classes: int | None, c
     if "n" not in body:
         raise bad_request("missing field 'n' (the number of handoff samples)", "invalid_n")
     n = body["n"]
-    if not _is_int(n):
+    if not is_int(n):
         raise bad_request(f"n must be an integer, got {json_type(n)}", "invalid_n")
     if not (1 <= n <= grant.max_n):
         raise bad_request(f"n must lie in [1, {grant.max_n}] for this token, got {n}", "invalid_n")
@@ -62,7 +58,7 @@ def parse_handoff(body: Any, grant: Grant, *, T: int, num_classes: int | None, c
         if labels is None:
             raise bad_request(f"this server conditions on class labels: send 'labels', {n} integers "
                               f"in [0, {num_classes - 1}]", "invalid_labels")
-        if not isinstance(labels, list) or not all(_is_int(v) for v in labels):
+        if not isinstance(labels, list) or not all(is_int(v) for v in labels):
             raise bad_request("labels must be a list of integers", "invalid_labels")
         if len(labels) != n:
             raise bad_request(f"labels must have one entry per image ({n}), got {len(labels)}", "invalid_labels")
@@ -77,7 +73,7 @@ def parse_handoff(body: Any, grant: Grant, *, T: int, num_classes: int | None, c
     seed = body.get("seed")
     if seed is None:
         seed = secrets.randbits(63)
-    elif not _is_int(seed) or not (0 <= seed <= MAX_SEED):
+    elif not is_int(seed) or not (0 <= seed <= MAX_SEED):
         raise bad_request(f"seed must be an integer in [0, 2**63 - 1], got {seed!r}", "invalid_seed")
 
     sampler = body.get("sampler", "ddpm")
@@ -90,9 +86,10 @@ def parse_handoff(body: Any, grant: Grant, *, T: int, num_classes: int | None, c
             raise bad_request("steps and eta apply to the ddim sampler only; ddpm runs every level",
                               "invalid_sampler")
     else:
-        if steps is not None and (not _is_int(steps) or not (1 <= steps <= T)):
+        if steps is not None and (not is_int(steps) or not (1 <= steps <= T)):
             raise bad_request(f"steps must be an integer in [1, {T}], got {steps!r}", "invalid_steps")
-        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not (0.0 <= eta <= 1.0) or math.isnan(eta):
+        # NaN fails the range test; an integer beyond float range is compared, never converted (no overflow)
+        if not (is_int(eta) or isinstance(eta, float)) or not (0.0 <= eta <= 1.0):
             raise bad_request(f"eta must be a number in [0, 1], got {eta!r}", "invalid_eta")
     return HandoffSpec(n=n, seed=seed, client_levels=grant.client_levels, labels=labels,
                        sampler=sampler, steps=steps, eta=float(eta))

@@ -20,6 +20,7 @@ from aiohttp import web
 from collafuse_edge.protocol import error_body
 
 from .errors import ApiError
+from .state import STATE
 
 log = logging.getLogger("collafuse.server")
 
@@ -61,8 +62,6 @@ async def read_body(request: web.Request) -> bytes:
     (a client that sends its headers and then stalls must not hold a handler forever). A client
     that hangs up mid-body raises ConnectionError, which :func:`error_middleware` counts as 499
     ("client closed request"), logs at debug level and answers with nothing."""
-    from .app import STATE
-
     timeout = request.app[STATE].config.body_timeout_s
     try:
         return await asyncio.wait_for(request.read(), timeout)
@@ -90,8 +89,6 @@ def _from_http_exception(request: web.Request, e: web.HTTPException) -> web.Resp
         allowed = ", ".join(sorted(getattr(e, "allowed_methods", ()) or ()))
         message = f"method {request.method} is not allowed on {request.path}; allowed: {allowed}"
     elif status == 413:
-        from .app import STATE
-
         state = request.app.get(STATE)
         if state is None:
             limit = "the configured size"
@@ -114,8 +111,6 @@ def _route_label(request: web.Request) -> str:
 
 @web.middleware
 async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
-    from .app import STATE
-
     try:
         resp = await handler(request)
     except ApiError as e:

@@ -1,8 +1,8 @@
-"""The routes, in one place, and their views (SPEC §5).
+"""The route table, in one place (:func:`setup_routes`), and the views of serving.
 
 Unauthenticated: ``GET /healthz``, ``GET /readyz``, ``GET /metrics``, ``GET /openapi.json``.
-Bearer token required: ``GET /v1/info``, ``POST /v1/handoff`` (and, later, ``POST /v1/train``,
-added with :func:`add_v1_routes`). Views translate domain errors into :class:`ApiError`.
+Bearer token required: ``GET /v1/info``, ``POST /v1/handoff``, ``POST /v1/train`` (its view lives
+in :mod:`.train_routes`). Views translate domain errors into :class:`ApiError`.
 """
 from __future__ import annotations
 
@@ -14,22 +14,14 @@ from collafuse_edge.protocol import (H_CLIENT, H_DTYPE, H_LEVEL, H_MODEL_VERSION
                                      H_SHAPE, H_STEPS, NPY_CONTENT_TYPE, encode_tensor, format_shape)
 from collafuse_edge.schedule import SAMPLERS, client_level_count
 
-from .app import STATE, ServerState
 from .auth import Grant, charge
 from .errors import ApiError, EngineBusy, EngineClosed, bad_request
 from .handoff_params import parse_handoff
-from .metrics import CONTENT_TYPE_LATEST
 from .middleware import read_body
 from .openapi import API_VERSION, openapi_document
-
-
-def state_of(request: web.Request) -> ServerState:
-    return request.app[STATE]
-
-
-def require_grant(request: web.Request) -> Grant:
-    """Authenticate the bearer token (401/403); every /v1/ view starts here."""
-    return state_of(request).tokens.authenticate(request.headers.get("Authorization"))
+from .prometheus import CONTENT_TYPE_LATEST
+from .state import ServerState, require_grant, state_of
+from .train_routes import v1_train
 
 
 async def read_json(request: web.Request):
@@ -149,25 +141,21 @@ async def v1_handoff(request: web.Request) -> web.Response:
     return web.Response(body=data, content_type=NPY_CONTENT_TYPE, headers=headers)
 
 
-V1_ROUTES = [
+ROUTES = [
+    web.get("/healthz", healthz, allow_head=False),
+    web.get("/readyz", readyz, allow_head=False),
+    web.get("/metrics", metrics, allow_head=False),
+    web.get("/openapi.json", openapi, allow_head=False),
+    # /v1: every view starts with require_grant (bearer token)
     web.get("/v1/info", v1_info, allow_head=False),
     web.post("/v1/handoff", v1_handoff),
+    web.post("/v1/train", v1_train),  # 404 training_disabled unless the server trains (--train)
 ]
 
 
-def add_v1_routes(app: web.Application, routes: list[web.RouteDef]) -> None:
-    """Register more /v1/ routes (e.g. POST /v1/train); views call :func:`require_grant`."""
-    app.add_routes(routes)
-
-
 def setup_routes(app: web.Application) -> None:
-    app.add_routes([
-        web.get("/healthz", healthz, allow_head=False),
-        web.get("/readyz", readyz, allow_head=False),
-        web.get("/metrics", metrics, allow_head=False),
-        web.get("/openapi.json", openapi, allow_head=False),
-    ])
-    add_v1_routes(app, V1_ROUTES)
+    """Register every route of the server on ``app``."""
+    app.add_routes(ROUTES)
 
 
-__all__ = ["V1_ROUTES", "add_v1_routes", "require_grant", "setup_routes"]
+__all__ = ["ROUTES", "require_grant", "setup_routes"]

@@ -24,11 +24,12 @@ from aiohttp import web
 from .auth import TokenStore
 from .config import load_tokens
 from .errors import ServerConfigError
+from .state import STATE, ServerState
 
 log = logging.getLogger("collafuse.server")
 
 
-def reload_tokens(state) -> bool:
+def reload_tokens(state: ServerState) -> bool:
     """Re-read ``state.config.config_file``'s tokens and swap them in. True when the table changed."""
     cfg = state.config
     path = cfg.config_file
@@ -51,7 +52,7 @@ def reload_tokens(state) -> bool:
     return True
 
 
-def _stamp(path: str):
+def _stamp(path: str) -> tuple[int, int, int] | None:
     try:
         st = os.stat(path)
     except OSError:
@@ -59,7 +60,7 @@ def _stamp(path: str):
     return st.st_mtime_ns, st.st_size, st.st_ino
 
 
-async def _watch(state, path: str, every: float) -> None:
+async def _watch(state: ServerState, path: str, every: float) -> None:
     seen = _stamp(path)
     while True:
         await asyncio.sleep(every)
@@ -71,8 +72,6 @@ async def _watch(state, path: str, every: float) -> None:
 
 async def token_reload_ctx(app: web.Application) -> AsyncIterator[None]:
     """Cleanup context: SIGHUP handler and the file watcher (installed before the model loads)."""
-    from .app import STATE
-
     state = app[STATE]
     path = state.config.config_file
     loop = asyncio.get_running_loop()

@@ -1,4 +1,6 @@
-"""``POST /v1/train``: a client uploads disclosed x_h batches for server training (issue 5).
+"""``POST /v1/train``: a client uploads disclosed x_h batches for server training.
+
+The route is registered with the others in :mod:`.routes`.
 
 Request: body = ``.npy`` float32 ``[B, C, H, W]`` (content type ``application/x-npy``);
 headers ``Authorization: Bearer …``, ``X-Collafuse-Batch-Id`` (1-64 of ``[A-Za-z0-9_-]``, unique
@@ -23,10 +25,9 @@ from collafuse_edge.protocol import H_BATCH_ID, H_LABELS, H_LEVEL, NPY_CONTENT_T
 from .auth import charge
 from .errors import ApiError
 from .middleware import read_body
+from .state import require_grant, state_of
 
 log = logging.getLogger("collafuse.server")
-
-TRAINER = web.AppKey("collafuse_trainer", object)  # collafuse.server_training.ServerTrainer
 
 
 def _labels(text: str | None, rows: int, num_classes: int, shared: bool):
@@ -51,12 +52,9 @@ def _labels(text: str | None, rows: int, num_classes: int, shared: bool):
 
 
 async def v1_train(request: web.Request) -> web.Response:
-    from .app import STATE
-    from .routes import require_grant
-
-    s = request.app[STATE]
+    s = state_of(request)
     grant = require_grant(request)
-    trainer = request.app.get(TRAINER)
+    trainer = s.trainer
     if trainer is None:
         raise ApiError(404, "training_disabled", "this server does not train; start it with --train")
     T = s.run_config.schedule.num_train_timesteps
@@ -102,4 +100,4 @@ async def v1_train(request: web.Request) -> web.Response:
                               "pending_batches": len(trainer.spool), "trainer_step": trainer.step})
 
 
-TRAIN_ROUTES = [web.post("/v1/train", v1_train)]
+__all__ = ["v1_train"]

@@ -6,7 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from collafuse.server.app import STATE, create_app
+from collafuse.server.app import create_app
+from collafuse.server.state import STATE
 from collafuse_edge.protocol import (H_CLIENT, H_DTYPE, H_LEVEL, H_MODEL_VERSION, H_SEED, H_SHAPE,
                                      NPY_CONTENT_TYPE, decode_tensor, parse_shape)
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from collafuse.server.app import STATE, create_app
+from collafuse.server.app import create_app
+from collafuse.server.state import STATE
 from collafuse.server.engine import HandoffSpec, StepEngine
 from collafuse_edge.protocol import H_LEVEL, H_SEED, decode_tensor
 

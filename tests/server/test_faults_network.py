@@ -16,7 +16,7 @@ from aiohttp import web
 
 from collafuse.server.app import create_app
 from collafuse.server.config import ServerConfig
-from collafuse_edge.errors import ServerError
+from collafuse_edge.errors import ServerRequestError
 from collafuse_edge.http_client import ClientConfig, ServerClient
 from collafuse_edge.protocol import encode_tensor
 from server_fixtures import TOKENS, auth, token_entries
@@ -150,14 +150,14 @@ async def test_tls_and_plain_http_mismatch_fail_clearly(run_dir, loaded_run, cer
         async with ServerClient(ClientConfig(f"http://127.0.0.1:{tls_port}", token=TOKENS[0], retries=1,
                                              backoff_s=0.05)) as c:
             t0 = time.monotonic()
-            with pytest.raises(ServerError, match="use an https:// URL") as e1:
+            with pytest.raises(ServerRequestError, match="use an https:// URL") as e1:
                 await c.info()
             t1 = time.monotonic() - t0
         # TLS client → plain HTTP server: not retried (a wrong scheme never heals)
         async with ServerClient(ClientConfig(f"https://127.0.0.1:{plain_port}", token=TOKENS[0], retries=3,
                                              backoff_s=0.05, ca_file=cert[0])) as c:
             t0 = time.monotonic()
-            with pytest.raises(ServerError, match="answered in plain HTTP, not TLS: use an http:// URL") as e2:
+            with pytest.raises(ServerRequestError, match="answered in plain HTTP, not TLS: use an http:// URL") as e2:
                 await c.info()
             t2 = time.monotonic() - t0
             assert c.requests == 1

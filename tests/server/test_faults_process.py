@@ -18,7 +18,7 @@ import urllib.request
 import numpy as np
 import pytest
 
-from collafuse_edge.errors import ServerError
+from collafuse_edge.errors import ServerRequestError
 from collafuse_edge.http_client import ClientConfig, ServerClient
 from server_fixtures import TOKENS, ServeProcess, auth, free_port, labels_for, reference_handoff, token_toml
 
@@ -71,7 +71,7 @@ def test_server_killed_mid_handoff_then_restarted_or_gone(run_dir, loaded_run, c
         async def failing(cfg: ClientConfig) -> tuple[float, str, int]:
             async with ServerClient(cfg) as c:
                 t0 = time.monotonic()
-                with pytest.raises(ServerError) as e:
+                with pytest.raises(ServerRequestError) as e:
                     await c.handoff(n, labels, seed)
                 return time.monotonic() - t0, str(e.value), c.requests
 

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from collafuse.server import auth as auth_mod
-from collafuse.server.app import STATE, create_app
+from collafuse.server.app import create_app
+from collafuse.server.state import STATE
 from collafuse.server.config import ServerConfig, hash_token, load_server_config
 from collafuse_edge.protocol import encode_tensor
 from server_fixtures import DISABLED_TOKEN, LIMITED_TOKEN, TOKENS, auth, token_entries

@@ -15,7 +15,7 @@ async def test_https_with_a_self_signed_certificate(run_dir, loaded_run, cert):
 
     from collafuse.server.app import create_app
     from collafuse.server.serve import ssl_context
-    from collafuse_edge.errors import ServerError
+    from collafuse_edge.errors import ServerRequestError
     from collafuse_edge.http_client import ClientConfig, ServerClient
 
     cfg = ServerConfig(run_dir, tokens=token_entries(), tls_cert=cert[0], tls_key=cert[1], warmup=False)
@@ -30,7 +30,7 @@ async def test_https_with_a_self_signed_certificate(run_dir, loaded_run, cert):
             h = await c.handoff(2, [1, 2], seed=4)
         assert h.samples.shape == (2, 1, 16, 16) and h.level == 19
         async with ServerClient(ClientConfig(url, token=TOKENS[1], retries=0)) as c:  # not trusted
-            with pytest.raises(ServerError, match="could not reach"):
+            with pytest.raises(ServerRequestError, match="could not reach"):
                 await c.info()
     finally:
         await runner.cleanup()
