@@ -12,7 +12,6 @@ end, so a failed export never leaves a half-written bundle.
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import os
 import platform
 import shutil
@@ -32,8 +31,10 @@ from collafuse_edge.bundle import (
     load_bundle,
     write_manifest,
 )
+from collafuse_edge.files import jsonable
 from collafuse_edge.sampler import SamplerConfig
 from collafuse_edge.schedule import Schedule, client_level_count
+from collafuse_edge.validation import check_choice, check_int
 
 from .errors import ExportError
 from .onnx_export import EXPORTERS, MIN_OPSET, export_onnx, model_facts
@@ -72,19 +73,15 @@ class ExportConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise ExportError(f"precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}")
-        if self.exporter not in EXPORTERS:
-            raise ExportError(f"exporter must be one of {', '.join(EXPORTERS)}; got {self.exporter!r}")
+        check_choice("precision", self.precision, PRECISIONS, error=ExportError)
+        check_choice("exporter", self.exporter, EXPORTERS, error=ExportError)
         if not (self.atol >= 0 and self.rtol >= 0):
             raise ExportError(f"atol and rtol must be ≥ 0, got {self.atol}, {self.rtol}")
         object.__setattr__(self, "validation_batches", tuple(self.validation_batches))
         if not self.validation_batches or any(b < 1 for b in self.validation_batches):
             raise ExportError(f"validation_batches must be positive, got {self.validation_batches}")
         for name in ("calibration_inputs", "gate_inputs", "gate_images"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ExportError(f"{name} must be a positive integer, got {v!r}")
+            check_int(name, getattr(self, name), low=1, error=ExportError)
 
 
 @dataclass(frozen=True)
@@ -194,7 +191,7 @@ def export_bundle(
         manifest = build_manifest(
             model_file=MODEL_FILE, files=[file_entry(bundle_dir, MODEL_FILE)], image_shape=image_shape,
             num_classes=num_classes, schedule=schedule, cut_ratio=cut_ratio, precision=cfg.precision,
-            model_info=model_info, extra=_jsonable(extra),
+            model_info=model_info, extra=jsonable(extra),
         )
         write_manifest(bundle_dir, manifest)
         load_bundle(bundle_dir)  # the runtime's reader must accept what we wrote
@@ -235,20 +232,6 @@ def _make_variant(cfg: ExportConfig, fp32: Path, dst: Path, schedule: Schedule, 
     if cfg.measure_speed:
         out["speed"] = measure_speed(fp32, dst, image_shape, num_classes)
     return out
-
-
-def _jsonable(obj):
-    """Round-trip through json so numpy scalars and tuples become plain JSON values."""
-    def default(o):
-        if isinstance(o, np.generic):
-            return o.item()
-        if isinstance(o, np.ndarray):
-            return o.tolist()
-        if isinstance(o, Path):
-            return str(o)
-        raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-    return json.loads(json.dumps(obj, default=default))
 
 
 __all__ = ["ExportConfig", "ExportResult", "export_bundle", "producer_versions"]

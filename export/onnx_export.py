@@ -24,6 +24,7 @@ import onnx
 import torch
 
 from collafuse_edge.bundle import BATCH_DIM, CLASS_LABELS, EPS, SAMPLE, TIMESTEP
+from collafuse_edge.validation import check_choice, check_int
 
 from .errors import ExportError
 
@@ -165,10 +166,8 @@ def export_onnx(
 
     ``exporter``: "auto" (dynamo, falling back to legacy on failure), "dynamo" or "legacy".
     """
-    if exporter not in EXPORTERS:
-        raise ExportError(f"exporter must be one of {', '.join(EXPORTERS)}; got {exporter!r}")
-    if isinstance(opset, bool) or not isinstance(opset, int) or opset < MIN_OPSET:
-        raise ExportError(f"opset must be an integer ≥ {MIN_OPSET}, got {opset!r}")
+    check_choice("exporter", exporter, EXPORTERS, error=ExportError)
+    check_int("opset", opset, low=MIN_OPSET, error=ExportError)
     path = Path(path)
     if path.parent.exists() and any(path.parent.iterdir()):
         raise ExportError(f"export into an empty directory; {path.parent} already holds files")

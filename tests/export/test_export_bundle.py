@@ -1,5 +1,5 @@
 """export_bundle end to end: the legacy fallback, int8 from a trained run through the CLI,
-and refusals. (tests/core/test_export_parity.py covers the dynamo path and parity.)"""
+and refusals. (tests/export/test_export_parity.py covers the dynamo path and parity.)"""
 from __future__ import annotations
 
 import argparse
@@ -7,13 +7,13 @@ import json
 
 import numpy as np
 import pytest
+from export_fixtures import FIXTURE_BY_NAME, fixture_model
 from tiny_runs import tiny_run_config
 
 from collafuse.export import onnx_export
 from collafuse.export.cli import EXPORTERS, MIN_OPSET, add_export_parser, export_client
 from collafuse.export.errors import ExportError
 from collafuse.export.exporter import ExportConfig, export_bundle
-from collafuse.export.fixtures import FIXTURE_BY_NAME, fixture_model
 from collafuse.export.variants import GateThresholds
 from collafuse_edge import EdgeRuntime, load_bundle
 

@@ -12,10 +12,10 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from export_fixtures import FIXTURE_BY_NAME, fixture_model, write_fixture
 from onnx import numpy_helper
 
 from collafuse.export.errors import ValidationError
-from collafuse.export.fixtures import FIXTURE_BY_NAME, fixture_model, write_fixture
 from collafuse.export.validate import cpu_session, validate_onnx
 from collafuse.export.variants import (
     DEFAULT_GATES,
@@ -73,7 +73,7 @@ def test_every_batch_row_and_batch_size_agree(exported, model):
 
 def test_committed_fixture_is_current(exported, model):
     """tests/edge/fixtures/tiny_cond holds this model: same manifest contract, same outputs.
-    If this fails, regenerate: python -m collafuse.export.fixtures tests/edge/fixtures"""
+    If this fails, regenerate: python tests/export/export_fixtures.py tests/edge/fixtures"""
     committed, fresh = load_bundle(FIXTURES / "tiny_cond"), load_bundle(exported)
     for field in ("image_shape", "num_classes", "cut_ratio", "client_levels", "handoff_level", "precision",
                   "inputs", "outputs"):

@@ -4,7 +4,9 @@ The torch-free edge tests cannot export anything, so they run on bundles exporte
 ``tiny_preset`` models with fixed seeds, plus torch reference outputs of the client loop
 (``<name>_reference.npz``) that the edge runtime must reproduce. Regenerate with::
 
-    python -m collafuse.export.fixtures tests/edge/fixtures
+    python tests/export/export_fixtures.py tests/edge/fixtures
+
+(a test helper, not part of the installed package: the export tests import it by name).
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from collafuse.models import build_unet
 from collafuse.sampling import run_levels
 from collafuse_edge.schedule import Schedule, client_level_count, client_timetable
 
-from .exporter import ExportConfig, ExportResult, export_bundle
+from collafuse.export.exporter import ExportConfig, ExportResult, export_bundle
 
 
 @dataclass(frozen=True)
@@ -116,7 +118,7 @@ def write_all(root: str | Path) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m collafuse.export.fixtures", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python tests/export/export_fixtures.py", description=__doc__.splitlines()[0])
     p.add_argument("root", nargs="?", default="tests/edge/fixtures", help="where to write (default tests/edge/fixtures)")
     args = p.parse_args(argv)
     for path in write_all(args.root):
