@@ -25,7 +25,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,8 +32,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from collafuse_edge.bundle import sha256_file  # one hashing helper for bundles and checkpoints
+# one writer and one hashing helper for every package; atomic_write_bytes/atomic_write_json stay
+# importable from here
+from collafuse_edge.files import atomic_write_bytes, atomic_write_json, jsonable, sha256_file
 from collafuse_edge.schedule import Schedule
+from collafuse_edge.validation import is_int
 
 from .config import RunConfig, replace
 from .errors import CheckpointError, ConfigError
@@ -46,24 +48,10 @@ _PLAIN_FILE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 KEEP_CHECKPOINTS = 2
 
 
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=d)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_json(path: str, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+def _write_state_json(path: str, meta: dict) -> None:
+    """``state.json``, in :func:`atomic_write_json`'s format, through this module's
+    ``atomic_write_bytes`` (the fault tests refuse that call to simulate a full disk)."""
+    atomic_write_bytes(path, (json.dumps(jsonable(meta), indent=2, sort_keys=True, allow_nan=False) + "\n").encode())
 
 
 def _read_json(path: str, what: str) -> Any:
@@ -167,7 +155,7 @@ def save_checkpoint(run_dir: str, step: int, models: list[ModelState], rng_state
         for f in sorted(os.listdir(tmp)):
             files[f] = sha256_file(os.path.join(tmp, f))
         meta["files"] = files
-        atomic_write_json(os.path.join(tmp, "state.json"), meta)
+        _write_state_json(os.path.join(tmp, "state.json"), meta)
         for f in os.listdir(tmp):  # make the file contents durable before the rename
             with open(os.path.join(tmp, f), "rb") as fh:
                 os.fsync(fh.fileno())
@@ -253,7 +241,7 @@ def read_state(ckpt_dir: str, verify: bool = True) -> dict:
         raise CheckpointError(f"checkpoint {ckpt_dir!r} has format {meta.get('format')!r:.40}; "
                               f"this collafuse reads format {CHECKPOINT_FORMAT}")
     step, files = meta.get("step"), meta.get("files", {})
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+    if not is_int(step) or step < 0:
         raise CheckpointError(f"checkpoint state in {ckpt_dir!r} has step {step!r:.40}; expected an integer ≥ 0")
     if not isinstance(files, dict) or not all(
             isinstance(f, str) and _PLAIN_FILE.fullmatch(f) and isinstance(v, str) for f, v in files.items()):

@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from collafuse_edge.errors import ScheduleError
 from collafuse_edge.schedule import BETA_SCHEDULES, Schedule, client_level_count
+from collafuse_edge.validation import check_choice, check_int
 
 from .errors import ConfigError
 
@@ -23,13 +24,19 @@ BLOCK_KINDS = ("plain", "attn")
 
 
 def _choice(name: str, value: Any, allowed: tuple) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{name} must be one of {', '.join(map(str, allowed))}; got {value!r}")
+    check_choice(name, value, allowed, error=ConfigError)
+
+
+def _int(name: str, value: Any, low: int = 1) -> None:
+    """An integer field ≥ ``low``, and a Python ``int``: configs are saved with ``json.dumps``,
+    which refuses numpy integers."""
+    check_int(name, value, low=low, error=ConfigError)
+    if not isinstance(value, int):
+        raise ConfigError(f"{name} must be a Python int, got {value!r} ({type(value).__name__}); pass int(...)")
 
 
 def _positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    _int(name, value, low=1)
 
 
 @dataclass(frozen=True)
@@ -141,8 +148,7 @@ class ScheduleConfig:
     clip_sample: bool = True
 
     def __post_init__(self) -> None:
-        if isinstance(self.num_train_timesteps, bool) or not isinstance(self.num_train_timesteps, int) or self.num_train_timesteps < 2:
-            raise ConfigError(f"num_train_timesteps must be an integer ≥ 2, got {self.num_train_timesteps!r}")
+        _int("num_train_timesteps", self.num_train_timesteps, low=2)
         _choice("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
 
     def build(self) -> Schedule:

@@ -13,36 +13,22 @@ torch eager — :class:`LatencyProbe` records which.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import time
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 import torch
 
 from collafuse_edge.noise import initial_noise
 from collafuse_edge.schedule import Schedule, client_timetable, server_timetable
+from collafuse_edge.validation import check_choice, check_int
 
 from .errors import ConfigError
 from .models import count_flops, count_params, denoise
+from .threads import torch_threads
 
 LATENCY_BACKENDS = ("edge", "torch", "none")
-
-
-@contextlib.contextmanager
-def torch_threads(n: int | None) -> Iterator[None]:
-    """Cap torch's intra-op threads inside the block (None: leave as is)."""
-    if n is None:
-        yield
-        return
-    prev = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(prev)
 
 
 def train_flops(model: torch.nn.Module) -> int:
@@ -102,10 +88,8 @@ class LatencyProbe:
 
     def __init__(self, model: torch.nn.Module, schedule: Schedule, backend: str = "torch", *,
                  bundle: str | None = None, edge_denoiser=None, threads: int = 1, runs: int = 5) -> None:
-        if backend not in LATENCY_BACKENDS:
-            raise ConfigError(f"latency backend must be one of {', '.join(LATENCY_BACKENDS)}; got {backend!r}")
-        if isinstance(runs, bool) or not isinstance(runs, int) or runs < 1:
-            raise ConfigError(f"latency runs must be a positive integer, got {runs!r}")
+        check_choice("latency backend", backend, LATENCY_BACKENDS, error=ConfigError)
+        check_int("latency runs", runs, low=1, error=ConfigError)
         self.model = model
         self.schedule = schedule
         self.threads = threads

@@ -76,42 +76,20 @@ def _serve_and_generate(run_dir: str, out: str, clients: int, sc, labels: list, 
     import asyncio
     import hashlib
     import secrets
-    import signal
-    import socket
-    import subprocess
-    import sys
-    import urllib.request
 
     from collafuse_edge import EdgeRuntime
     from collafuse_edge.http_client import ClientConfig, ServerClient, generate_over_http
     from collafuse_edge.sampler import SamplerConfig
+
+    from .serve_process import ServeProcess
 
     tokens = [secrets.token_urlsafe(24) for _ in range(clients)]
     conf = os.path.join(out, "server.json")
     atomic_write_json(conf, {"tokens": [{"client": c, "name": f"client-{c}",
                                          "sha256": hashlib.sha256(t.encode()).hexdigest()}
                                         for c, t in enumerate(tokens)]})
-    with socket.socket() as so:
-        so.bind(("127.0.0.1", 0))
-        port = so.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
-    log = open(os.path.join(out, "server.log"), "w")
-    proc = subprocess.Popen([sys.executable, "-m", "collafuse.cli", "serve", "--run", run_dir, "--config", conf,
-                             "--port", str(port), "--log-level", "warning"], stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"collafuse serve exited with {proc.returncode}; see {log.name}")
-            try:
-                with urllib.request.urlopen(url + "/readyz", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"collafuse serve did not become ready; see {log.name}")
-            time.sleep(0.3)
+    with ServeProcess(run_dir, conf, log_path=os.path.join(out, "server.log"), timeout=180) as server:
+        url = server.url
 
         async def one(c: int) -> np.ndarray:
             rt = EdgeRuntime.open(bundles[c])
@@ -121,13 +99,6 @@ def _serve_and_generate(run_dir: str, out: str, clients: int, sc, labels: list, 
                     sampler=SamplerConfig(sc.sampler, sc.client_steps))
 
         return [asyncio.run(one(c)) for c in range(clients)]
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 def _export(run_dir: str, client: int, out: str) -> str:

@@ -18,4 +18,11 @@ class CheckpointError(CollafuseError):
     """A run directory or checkpoint is missing, corrupted or does not match the config."""
 
 
-__all__ = ["CheckpointError", "CollafuseError", "ConfigError", "DataError", "InputError", "ScheduleError"]
+class ServeProcessError(CollafuseError, RuntimeError):
+    """A ``collafuse serve`` subprocess exited or did not become ready (its output tail is in the message)."""
+
+    exit_code = 1  # an operation failed, not the caller's input
+
+
+__all__ = ["CheckpointError", "CollafuseError", "ConfigError", "DataError", "InputError", "ScheduleError",
+           "ServeProcessError"]

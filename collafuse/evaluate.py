@@ -33,11 +33,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from collafuse_edge.files import atomic_write_json, jsonable  # jsonable stays importable from here
 from collafuse_edge.noise import initial_noise
 from collafuse_edge.schedule import client_timetable, predict_x0
+from collafuse_edge.validation import check_choice, check_int
 
-from .checkpoint import LoadedRun, atomic_write_json, load_run
-from .cost import LATENCY_BACKENDS, ImageCost, LatencyProbe, image_cost, torch_threads
+from .checkpoint import LoadedRun, load_run
+from .cost import LATENCY_BACKENDS, ImageCost, LatencyProbe, image_cost
 from .data import ClientData, load_dataset, partition
 from .errors import ConfigError
 from .generate import SampleConfig, sample_client
@@ -47,6 +49,7 @@ from .metrics.features import FeatureExtractor, FeatureNet
 from .models import denoise
 from .objectives import disclose
 from .sampling import run_levels
+from .threads import torch_threads
 
 
 def default_feature_cache() -> str:
@@ -73,20 +76,13 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         for name, low in (("num_images", 2), ("num_disclosed", 2), ("latency_runs", 1), ("kd_subsets", 1)):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                raise ConfigError(f"{name} must be an integer ≥ {low}, got {v!r}")
-        if self.sampler not in ("ddim", "ddpm"):
-            raise ConfigError(f"sampler must be 'ddim' or 'ddpm', got {self.sampler!r}")
-        if self.sample_steps is not None and (isinstance(self.sample_steps, bool) or not isinstance(self.sample_steps, int)
-                                              or self.sample_steps < 2):
-            raise ConfigError(f"sample_steps must be an integer ≥ 2 or None (every level), got {self.sample_steps!r}")
-        if self.latency not in LATENCY_BACKENDS:
-            raise ConfigError(f"latency must be one of {', '.join(LATENCY_BACKENDS)}; got {self.latency!r}")
+            check_int(name, getattr(self, name), low=low, error=ConfigError)
+        check_choice("sampler", self.sampler, ("ddim", "ddpm"), error=ConfigError)
+        check_int("sample_steps (None: every level)", self.sample_steps, low=2, allow_none=True, error=ConfigError)
+        check_choice("latency", self.latency, LATENCY_BACKENDS, error=ConfigError)
         if self.bundle is not None and self.latency != "edge":
             raise ConfigError(f"bundle is only used with latency='edge', got latency={self.latency!r}")
-        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1):
-            raise ConfigError(f"threads must be a positive integer or None, got {self.threads!r}")
+        check_int("threads (None: leave torch's setting)", self.threads, low=1, allow_none=True, error=ConfigError)
 
     def sample_config(self, k: int, T: int) -> SampleConfig:
         s, c = split_steps(self.sample_steps if self.sampler == "ddim" else None, k, T)
@@ -169,24 +165,6 @@ class EvalReport:
             "pooled_quality": self.pooled_quality.to_dict() if self.pooled_quality else None,
             "clients": [c.to_dict() for c in self.clients], "wall_s": self.wall_s,
         })
-
-
-def jsonable(obj):
-    """Recursively make ``obj`` strict JSON: ±inf → "inf"/"-inf" (PSNR of an exact copy), NaN → None."""
-    if isinstance(obj, dict):
-        return {str(k): jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [jsonable(v) for v in obj]
-    if isinstance(obj, (np.floating, float)):
-        f = float(obj)
-        if math.isnan(f):
-            return None
-        if math.isinf(f):
-            return "inf" if f > 0 else "-inf"
-        return f
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return obj
 
 
 # --------------------------------------------------------------------------------- pieces
@@ -363,21 +341,69 @@ def write_outputs(report: EvalReport, out_dir: str) -> None:
 # ------------------------------------------------------------------------------------ tables
 
 
+# The table and the demo report are views of the one canonical projection, ClientEval.to_dict():
+# each field is a path into it, optionally ending in a divisor (FLOPs → MFLOP). A nested spec is
+# a section that is None when its source section is (nothing crossed the network at c = 1).
+MEGA = 1e6
+
+SUMMARY_COLUMNS = {
+    "client": ("client",), "c": ("cut_ratio",), "KD": ("quality", "kd_mean"), "FD": ("quality", "fd"),
+    "disc_KD_train": ("disclosure_training", "kd_mean"), "disc_MSE_train": ("disclosure_training", "mse"),
+    "disc_KD_infer": ("disclosure_inference", "kd_mean"),
+    "attack_PSNR_train": ("attack_training_tweedie", "psnr_paired"),
+    "attack_PSNR_infer": ("attack_inference_chain", "psnr_paired"),
+    "client_MFLOP/img": ("cost", "client_flops_per_image", MEGA),
+    "server_MFLOP/img": ("cost", "server_flops_per_image", MEGA),
+    "client_ms/img": ("cost", "latency_ms_per_image"),
+}
+
+DEMO_CLIENT_FIELDS = {
+    "client": ("client",), "cut_ratio": ("cut_ratio",), "classes": ("classes",),
+    "kd": ("quality", "kd_mean"), "fd": ("quality", "fd"),
+    "disclosure_training": {"kd": ("disclosure_training", "kd_mean"), "mse": ("disclosure_training", "mse")},
+    "disclosure_inference": {"kd": ("disclosure_inference", "kd_mean"),
+                             "nn_mse": ("disclosure_inference", "nn_mse")},
+    "disclosure_noise_floor_kd": ("noise_floor", "kd_mean"),
+    "attack_training_psnr_db": ("attack_training_tweedie", "psnr_paired"),
+    "attack_inference_psnr_db": ("attack_inference_chain", "psnr_paired"),
+    "client_mflop_per_image": ("cost", "client_flops_per_image", MEGA),
+    "server_mflop_per_image": ("cost", "server_flops_per_image", MEGA),
+    "local_mflop_per_image": ("cost", "local_flops_per_image", MEGA),
+    "client_ms_per_image": ("cost", "latency_ms_per_image"), "latency_backend": ("cost", "latency_note"),
+    "handoff_bytes_per_image": ("cost", "handoff_bytes_per_image"),
+}
+
+
+def _pick(d: dict, path: tuple):
+    """``d[path[0]][path[1]]…`` (divided by a trailing number); None when a section on the way is None."""
+    *keys, last = path
+    scale = None
+    if not isinstance(last, str):
+        scale = last
+    else:
+        keys.append(last)
+    for key in keys:
+        if d is None:
+            return None
+        d = d[key]
+    return d / scale if scale is not None and d is not None else d
+
+
+def project(d: dict, spec: dict) -> dict:
+    """A view of ``d`` (a :meth:`ClientEval.to_dict`) laid out as ``spec`` says."""
+    out = {}
+    for name, how in spec.items():
+        if isinstance(how, dict):
+            source = next(iter(how.values()))[0]
+            out[name] = None if d.get(source) is None else project(d, how)
+        else:
+            out[name] = _pick(d, how)
+    return out
+
+
 def summary_rows(report: EvalReport) -> list[dict]:
     """One flat row per client (what the CLI prints)."""
-    rows = []
-    for e in report.clients:
-        dt, di = e.disclosure_training, e.disclosure_inference
-        rows.append({
-            "client": e.client, "c": e.cut_ratio, "KD": e.quality.kd_mean, "FD": e.quality.fd,
-            "disc_KD_train": dt.kd_mean if dt else None, "disc_MSE_train": dt.mse if dt else None,
-            "disc_KD_infer": di.kd_mean if di else None,
-            "attack_PSNR_train": e.attack_training_tweedie.psnr_paired if e.attack_training_tweedie else None,
-            "attack_PSNR_infer": e.attack_inference_chain.psnr_paired if e.attack_inference_chain else None,
-            "client_MFLOP/img": e.cost.client_flops_per_image / 1e6, "server_MFLOP/img": e.cost.server_flops_per_image / 1e6,
-            "client_ms/img": e.cost.latency_ms_per_image,
-        })
-    return rows
+    return [project(e.to_dict(), SUMMARY_COLUMNS) for e in report.clients]
 
 
 def format_rows(rows: list[dict]) -> str:
@@ -411,23 +437,7 @@ def demo_report(run_dir: str, ec: EvalConfig = DEMO_EVAL, out_dir: str | None = 
     3 clients with 0.65 M-parameter models): per-client quality, disclosure, attack and cost, plus
     the summed KD. With ``out_dir`` also writes the full report and figures there."""
     rep = evaluate_run(run_dir, ec, out_dir=out_dir)
-    clients = []
-    for e in rep.clients:
-        dt, di = e.disclosure_training, e.disclosure_inference
-        clients.append(jsonable({
-            "client": e.client, "cut_ratio": e.cut_ratio, "classes": list(e.classes),
-            "kd": e.quality.kd_mean, "fd": e.quality.fd,
-            "disclosure_training": {"kd": dt.kd_mean, "mse": dt.mse} if dt else None,
-            "disclosure_inference": {"kd": di.kd_mean, "nn_mse": di.nn_mse} if di else None,
-            "disclosure_noise_floor_kd": e.noise_floor.kd_mean,
-            "attack_training_psnr_db": e.attack_training_tweedie.psnr_paired if e.attack_training_tweedie else None,
-            "attack_inference_psnr_db": e.attack_inference_chain.psnr_paired if e.attack_inference_chain else None,
-            "client_mflop_per_image": e.cost.client_flops_per_image / 1e6,
-            "server_mflop_per_image": e.cost.server_flops_per_image / 1e6,
-            "local_mflop_per_image": e.cost.local_flops_per_image / 1e6,
-            "client_ms_per_image": e.cost.latency_ms_per_image, "latency_backend": e.cost.latency_note,
-            "handoff_bytes_per_image": e.cost.handoff_bytes_per_image,
-        }))
+    clients = [project(e.to_dict(), DEMO_CLIENT_FIELDS) for e in rep.clients]
     return jsonable({
         "metric_space": rep.feature_net["kind"], "feature_net_test_accuracy": rep.feature_net.get("test_accuracy"),
         "kd_sum": rep.kd_sum, "fd_sum": rep.fd_sum,

@@ -1,4 +1,6 @@
-"""Sampling a trained run: per-client split sampling with the client's own labels, to PNG/.npy."""
+"""Generating with a trained run: :class:`SampleConfig` and the per-client entry point
+:func:`sample_client` (the client's own labels, its cut ratio, its model). The sampler loop
+itself — timetables, steps, keyed noise — is :mod:`collafuse.sampling`."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -6,7 +8,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from collafuse_edge.validation import check_choice, check_int
+
 from .checkpoint import LoadedRun
+from .errors import ConfigError, InputError
 
 
 @dataclass(frozen=True)
@@ -19,16 +24,10 @@ class SampleConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        from .errors import ConfigError
-
-        if isinstance(self.n, bool) or not isinstance(self.n, int) or not (1 <= self.n <= 10_000):
-            raise ConfigError(f"n must be an integer in [1, 10000], got {self.n!r}")
-        if self.sampler not in ("ddpm", "ddim"):
-            raise ConfigError(f"sampler must be 'ddpm' or 'ddim', got {self.sampler!r}")
+        check_int("n", self.n, low=1, high=10_000, error=ConfigError)
+        check_choice("sampler", self.sampler, ("ddpm", "ddim"), error=ConfigError)
         for name in ("server_steps", "client_steps"):
-            v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise ConfigError(f"{name} must be a positive integer or None, got {v!r}")
+            check_int(f"{name} (None: every level)", getattr(self, name), low=1, allow_none=True, error=ConfigError)
         if self.eta < 0:
             raise ConfigError(f"eta must be ≥ 0, got {self.eta}")
         if self.sampler == "ddpm" and (self.server_steps or self.client_steps):
@@ -53,7 +52,7 @@ def sample_client(run: LoadedRun, client: int, sc: SampleConfig, labels: np.ndar
 
     cfg = run.config
     if not (0 <= client < cfg.data.num_clients):
-        raise ValueError(f"client must be in [0, {cfg.data.num_clients - 1}], got {client}")
+        raise InputError(f"client must be in [0, {cfg.data.num_clients - 1}], got {client}")
     if labels is None and (cfg.class_conditional or cfg.server_conditioning == "label"):
         labels = client_labels(run, client, sc.n)
     k = cfg.client_levels[client]

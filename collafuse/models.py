@@ -9,6 +9,7 @@ import torch
 from diffusers import UNet2DModel
 
 from .config import ModelConfig
+from .errors import InputError
 
 
 def build_unet(cfg: ModelConfig) -> UNet2DModel:
@@ -34,7 +35,7 @@ def denoise(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, labels: to
     if getattr(model.config, "num_class_embeds", None) is None:
         labels = None
     elif labels is None:
-        raise ValueError("this model is class-conditional: pass class labels")
+        raise InputError("this model is class-conditional: pass class labels")
     return model(x, t, class_labels=labels).sample
 
 

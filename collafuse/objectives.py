@@ -26,6 +26,8 @@ import torch
 
 from collafuse_edge.schedule import Schedule
 
+from .errors import ConfigError, InputError
+
 EpsFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
 SHARED_NOISE_WARNING = (
@@ -94,7 +96,7 @@ def disclose(
         eps = _randn(x0.shape, gen)
         return Disclosure(client, h, schedule.add_noise(x0, eps, t), lab, eps, t)
     if objective not in ("exact", "double-noise"):
-        raise ValueError(f"unknown objective {objective!r}")
+        raise ConfigError(f"unknown objective {objective!r}")
     if h < 0:
         return Disclosure(client, h, x0.clone(), lab)
     eps = _randn(x0.shape, gen)
@@ -149,7 +151,7 @@ def server_batch(
     h = torch.cat([torch.full((d.x.shape[0],), d.level, dtype=torch.long) for d in ds])
     has_labels = [d.labels is not None for d in ds]
     if any(has_labels) and not all(has_labels):
-        raise ValueError("some disclosures carry labels and some do not")
+        raise InputError("some disclosures carry labels and some do not")
     labels = torch.cat([d.labels for d in ds]) if all(has_labels) else None
     B = x.shape[0]
     if objective == "shared-noise":
@@ -162,7 +164,7 @@ def server_batch(
         # treats x_h as if it were x0: noise it with the full marginal of level t
         return ServerBatch(schedule.add_noise(x, eps, t), t, eps, torch.ones(B), labels)
     if objective != "exact":
-        raise ValueError(f"unknown objective {objective!r}")
+        raise ConfigError(f"unknown objective {objective!r}")
     x_t = schedule.renoise(x, eps, t, h)
     s = torch.from_numpy(exact_scale(schedule, t.numpy(), h.numpy())).float()
     target = eps * s.view(-1, 1, 1, 1)
@@ -171,7 +173,7 @@ def server_batch(
     elif weighting == "eps":
         weight = torch.ones(B)
     else:
-        raise ValueError(f"unknown weighting {weighting!r}")
+        raise ConfigError(f"unknown weighting {weighting!r}")
     return ServerBatch(x_t, t, target, weight, labels)
 
 

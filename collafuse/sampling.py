@@ -23,6 +23,7 @@ from collafuse_edge.schedule import (
 )
 
 from .models import denoise
+from .errors import InputError
 
 
 def _labels(labels, n: int, device) -> torch.Tensor | None:
@@ -30,7 +31,7 @@ def _labels(labels, n: int, device) -> torch.Tensor | None:
         return None
     lab = torch.as_tensor(np.asarray(labels), dtype=torch.long, device=device)
     if lab.shape != (n,):
-        raise ValueError(f"labels must have shape [{n}], got {tuple(lab.shape)}")
+        raise InputError(f"labels must have shape [{n}], got {tuple(lab.shape)}")
     return lab
 
 
@@ -56,7 +57,7 @@ def run_levels(
     if len(timetable) == 0:
         return x
     if model is None:
-        raise ValueError("a model is needed to run a non-empty timetable")
+        raise InputError("a model is needed to run a non-empty timetable")
     B = x.shape[0]
     lab = _labels(labels, B, x.device)
     it = timetable.pairs()
@@ -103,7 +104,7 @@ def split_sample(
     the handoff level k-1 is always hit exactly.
     """
     if not (0 <= k <= schedule.T):
-        raise ValueError(f"k must lie in [0, {schedule.T}], got {k}")
+        raise InputError(f"k must lie in [0, {schedule.T}], got {k}")
     x = torch.from_numpy(initial_noise(seed, (n, *shape))).to(device)
     x = run_levels(server_model, schedule, x, server_timetable(schedule.T, k, server_steps),
                    server_labels, sampler=sampler, eta=eta, seed=seed, progress=progress, desc="server")

@@ -192,13 +192,4 @@ def load_server_training_weights(run_dir: str) -> tuple[dict, int] | None:
     return raw, int(meta["step"])
 
 
-def wait_until(cond: Callable[[], bool], timeout: float, poll: float = 0.05) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return True
-        time.sleep(poll)
-    return cond()
-
-
 __all__ = ["ServerTrainer", "ServerTrainingConfig", "load_server_training_weights", "np"]

@@ -26,7 +26,7 @@ import numpy as np
 from collafuse_edge.protocol import decode_tensor, encode_tensor
 
 from .checkpoint import atomic_write_bytes
-from .errors import CollafuseError
+from .errors import CollafuseError, InputError
 
 BATCH_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
@@ -106,7 +106,7 @@ class DisclosureSpool:
         """Durably enqueue one batch. Returns False for a replayed ``batch_id`` (nothing is
         stored twice); raises :class:`SpoolFull` when over the limits."""
         if not BATCH_ID.match(batch_id or ""):
-            raise ValueError(f"batch id {batch_id!r} must be 1-64 characters of [A-Za-z0-9_-]")
+            raise InputError(f"batch id {batch_id!r} must be 1-64 characters of [A-Za-z0-9_-]")
         payload = encode_tensor(np.ascontiguousarray(x, dtype=np.float32))
         key = f"{client}/{batch_id}"
         with self._lock:

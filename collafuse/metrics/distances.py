@@ -21,12 +21,13 @@ from typing import Iterator
 
 import numpy as np
 
+from collafuse_edge.validation import check_int
+
 from ..errors import ConfigError, DataError
 
 
 def _positive_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    check_int(name, value, low=1, error=ConfigError)
 
 
 @contextlib.contextmanager

@@ -20,8 +20,9 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError, DataError
-from .features import (DEFAULT_EPOCHS, RECIPE_VERSION, FeatureNet, _check_images, _pair_paths, _positive_int,
-                       train_feature_classifier)
+from .features_files import _pair_paths
+from .features_model import RECIPE_VERSION, FeatureNet, _check_images, _positive_int
+from .features_train import DEFAULT_EPOCHS, train_feature_classifier
 
 if TYPE_CHECKING:
     from ..data import Dataset

@@ -95,7 +95,7 @@ def test_background_thread_trains_and_publishes(run_dir):
     tr.start()
     for i in range(3):
         tr.spool.put(1, f"x{i}", 19, *_batch(i))
-    from collafuse.server_training import wait_until
+    from polling import wait_until
 
     assert wait_until(lambda: tr.progress()["trained_batches"] == 3, 60)
     tr.stop()
