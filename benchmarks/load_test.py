@@ -37,9 +37,6 @@ import platform
 import random
 import re
 import resource
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -47,6 +44,9 @@ import urllib.request
 from collections import Counter
 
 import numpy as np
+
+from collafuse.errors import ServeProcessError
+from collafuse.serve_process import ServeProcess
 
 GOOD_TOKEN = "load-test-token"
 WRONG_TOKEN = "not-a-token-of-this-server"
@@ -135,45 +135,21 @@ def make_bundle(run_dir: str, out: str) -> str:
     return path
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """``collafuse serve`` in a subprocess; its output goes to a file (a pipe nobody reads would
-    fill up and stall the server under a long run of logged refusals)."""
+class Server(ServeProcess):
+    """``collafuse serve`` in a subprocess; its output goes to ``log_path``."""
 
     def __init__(self, run_dir: str, config: str, log_path: str, args):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        cmd = [sys.executable, "-m", "collafuse.cli", "serve", "--run", run_dir, "--config", config,
-               "--port", str(self.port), "--threads", str(args.threads), "--log-level", "warning",
-               "--max-n", str(max(8, args.n))]
-        env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
-        self._log = open(log_path, "w")
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, text=True, env=env)
-        self.pid = self.proc.pid
+        super().__init__(run_dir, config, "--max-n", str(max(8, args.n)), threads=args.threads, log_path=log_path,
+                         env={"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}, timeout=600)
 
-    def wait_ready(self, timeout: float = 600) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"the server exited with {self.proc.returncode}:\n{self.log()}")
-            if self.ready():
-                return
-            time.sleep(0.3)
-        self.stop()
-        raise SystemExit(f"the server did not become ready in {timeout:.0f} s:\n{self.log()}")
+    def wait_ready(self, timeout: float | None = None) -> None:
+        try:
+            super().wait_ready(timeout)
+        except ServeProcessError as e:
+            raise SystemExit(str(e)) from None
 
     def ready(self) -> bool:
-        try:
-            with urllib.request.urlopen(self.url + "/readyz", timeout=5) as r:
-                return r.status == 200
-        except OSError:
-            return False
+        return super().ready(timeout=5)
 
     def metrics_text(self) -> str:
         try:
@@ -183,21 +159,10 @@ class Server:
             return ""
 
     def log(self) -> str:
-        if not self._log.closed:
-            self._log.flush()
-        with open(self.log_path, errors="replace") as f:
-            return f.read()
+        return self.output()
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-        return self.proc.returncode
+        return self.close()
 
 
 def requests_by_status(metrics: str) -> dict[str, float]:

@@ -20,15 +20,15 @@ import asyncio
 import json
 import os
 import re
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
 
 import numpy as np
+
+from collafuse.errors import ServeProcessError
+from collafuse.serve_process import ServeProcess
 
 BAR_CLIENTS, BAR_RATIO = 16, 4.0
 
@@ -74,39 +74,22 @@ def make_run(out: str, args) -> str:
     return run_dir
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
+class Server(ServeProcess):
     def __init__(self, run_dir: str, config: str, batching: bool, args):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "collafuse.cli", "serve", "--run", run_dir, "--config", config,
-               "--port", str(self.port), "--threads", str(args.threads), "--log-level", "warning",
-               "--max-batch-rows", str(args.max_batch_rows), "--max-n", str(min(64, args.max_batch_rows)),
-               "--precision", args.precision]
+        extra = ["--max-batch-rows", str(args.max_batch_rows), "--max-n", str(min(64, args.max_batch_rows)),
+                 "--precision", args.precision]
         if not batching:
-            cmd.append("--no-batching")
+            extra.append("--no-batching")
         if args.compile:
-            cmd.append("--compile")
+            extra.append("--compile")
         # Idle OpenMP threads sleep instead of spinning: on a machine shared with other work a spinning
         # thread steals the core its partner needs (set OMP_WAIT_POLICY yourself to override).
-        env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"the server exited: {self.proc.stdout.read()}")
-            try:
-                with urllib.request.urlopen(self.url + "/readyz", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.3)
-        raise SystemExit("the server did not become ready in 10 minutes")
+        super().__init__(run_dir, config, *extra, threads=args.threads,
+                         env={"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")})
+        try:
+            self.wait_ready(600)
+        except ServeProcessError as e:
+            raise SystemExit(str(e)) from None
 
     def metric(self, name: str) -> float:
         with urllib.request.urlopen(self.url + "/metrics", timeout=10) as r:
@@ -115,11 +98,7 @@ class Server:
         return float(m.group(1)) if m else float("nan")
 
     def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        self.close()
 
 
 async def measure(url: str, token: str, clients: int, requests: int, n: int, seed0: int) -> dict:

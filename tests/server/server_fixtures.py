@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from collafuse.config import DataConfig, RunConfig, ScheduleConfig, TrainConfig, tiny_preset
+from collafuse.serve_process import ServeProcess as _ServeProcess
+from collafuse.serve_process import free_port
 from collafuse.server.config import TokenEntry, hash_token
 
 T = 50
@@ -60,67 +62,16 @@ def reference_handoff(run, client: int, n: int, labels, seed: int, sampler="ddpm
     return out.handoff.numpy()
 
 
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServeProcess:
-    """A real ``collafuse serve`` process on loopback, ready (``/readyz`` 200) when constructed.
-
-    ``port`` None picks a free one; a restart may pass the old one. ``start_s``: seconds to ready."""
+class ServeProcess(_ServeProcess):
+    """A real ``collafuse serve`` process on loopback (one torch thread), ready (``/readyz`` 200)
+    when constructed. ``port`` None picks a free one; a restart may pass the old one.
+    ``start_s``: seconds to ready."""
 
     def __init__(self, run_dir: str, config: str, *extra: str, port: int | None = None, timeout: float = 120):
-        import os
-        import subprocess
-        import sys
-        import time
-        import urllib.error
-        import urllib.request
-
-        self.port = port if port is not None else free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "collafuse.cli", "serve", "--run", run_dir, "--config", config,
-               "--port", str(self.port), "--threads", "1", "--log-level", "warning", *extra]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     env=dict(os.environ, OMP_NUM_THREADS="1"))
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < timeout:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"collafuse serve exited with {self.proc.returncode}:\n{self.proc.stdout.read()}")
-            try:
-                with urllib.request.urlopen(self.url + "/readyz", timeout=2) as r:
-                    if r.status == 200:
-                        self.start_s = time.monotonic() - t0
-                        return
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            time.sleep(0.1)
-        self.kill()
-        raise AssertionError(f"collafuse serve did not become ready in {timeout} s")
-
-    def kill(self) -> None:
-        """SIGKILL: no graceful shutdown, whatever is in flight is lost on the server's side."""
-        import os
-        import signal
-
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait()
+        super().__init__(run_dir, config, *extra, port=port, threads=1, env={"OMP_NUM_THREADS": "1"},
+                         timeout=timeout)
+        self.wait_ready()
 
     def stop(self) -> tuple[int, str]:
         """SIGTERM (graceful drain), SIGKILL after 60 s; returns (exit code, output)."""
-        import signal
-        import subprocess
-
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        return self.proc.returncode, self.proc.stdout.read()
+        return super().stop(), self.output()
