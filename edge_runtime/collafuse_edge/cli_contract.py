@@ -74,14 +74,14 @@ def add_sampler_args(p: argparse.ArgumentParser, *, server: bool = True,
                    help=f"ddim: a thinned timetable that hits the handoff level exactly; ddpm: every level "
                         f"(default {DEFAULT_SAMPLER})")
     if total_steps is not None:
-        g.add_argument("--sample-steps", type=positive_int, default=total_steps,
+        g.add_argument("--sample-steps", type=positive_int, metavar="N", default=total_steps,
                        help=f"DDIM model evaluations per image, shared by server and client in proportion to "
                             f"their levels (default {total_steps})")
         return g
     if server:
-        g.add_argument("--server-steps", type=positive_int, default=DEFAULT_SERVER_STEPS,
+        g.add_argument("--server-steps", type=positive_int, metavar="N", default=DEFAULT_SERVER_STEPS,
                        help=f"DDIM model evaluations on the server's levels (default {DEFAULT_SERVER_STEPS})")
-    g.add_argument("--client-steps", type=positive_int, default=DEFAULT_CLIENT_STEPS,
+    g.add_argument("--client-steps", type=positive_int, metavar="N", default=DEFAULT_CLIENT_STEPS,
                    help=f"DDIM model evaluations on the client's levels (default {DEFAULT_CLIENT_STEPS})")
     return g
 

@@ -76,8 +76,23 @@ def test_cli_refusals(tmp_path, capsys):
     parser = argparse.ArgumentParser(prog="collafuse")
     add_export_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["export", "--run", str(tmp_path / "none"), "--client", "0", "--out", str(tmp_path / "o")])
-    assert args.func(args) == 1
+    assert args.func(args) == 2  # bad input: the run directory does not exist
     assert "collafuse export: error:" in capsys.readouterr().err
+
+
+def test_cli_a_failed_export_exits_1(tmp_path, capsys, monkeypatch):
+    import collafuse.export.cli as export_cli
+    from collafuse.export.errors import ValidationError
+
+    def fail(*a, **k):
+        raise ValidationError("max |onnx - torch| 0.5 exceeds atol")
+
+    monkeypatch.setattr(export_cli, "export_client", fail)
+    parser = argparse.ArgumentParser(prog="collafuse")
+    add_export_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["export", "--run", str(tmp_path), "--client", "0", "--out", str(tmp_path / "o")])
+    assert args.func(args) == 1
+    assert capsys.readouterr().err == "collafuse export: error: max |onnx - torch| 0.5 exceeds atol\n"
 
 
 def test_export_refusals(tmp_path):
