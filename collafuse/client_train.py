@@ -126,6 +126,9 @@ class ClientTrainer:
         self.duplicates = 0
         self.bytes_sent = 0
         os.makedirs(cc.out, exist_ok=True)
+        from .run_lock import RunLock
+
+        self.lock = RunLock(cc.out, "collafuse client-train").acquire()  # one process per site run
         ck = latest_checkpoint(cc.out)
         if ck is not None:
             meta = read_state(ck)
@@ -196,3 +199,5 @@ class ClientTrainer:
 
     def close(self) -> None:
         self.loop.close()
+        if getattr(self, "lock", None) is not None:
+            self.lock.release()

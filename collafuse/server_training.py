@@ -25,6 +25,7 @@ from .checkpoint import (latest_checkpoint, load_rng, load_tensors, model_config
                          read_state, restore_model_state, save_checkpoint)
 from .errors import CheckpointError
 from .objectives import Disclosure
+from .run_lock import RunLock
 from .spool import DisclosureSpool, SpooledBatch
 from .train import new_model_state, resolve_device, server_update
 
@@ -47,6 +48,17 @@ class ServerTrainer:
     def __init__(self, run_dir: str, tc: ServerTrainingConfig = ServerTrainingConfig(),
                  on_weights: WeightsCallback | None = None):
         self.run_dir = run_dir
+        # One trainer per run: a second one (another port, a restart while the old process still
+        # runs) would checkpoint over this one's and forget batches it acknowledged.
+        self.lock = RunLock(run_dir, "collafuse serve --train").acquire()
+        try:
+            self._open(tc, on_weights)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _open(self, tc: ServerTrainingConfig, on_weights: WeightsCallback | None) -> None:
+        run_dir = self.run_dir
         self.cfg = read_config(run_dir)
         self.info = read_data_info(run_dir)
         self.tc = tc
@@ -168,8 +180,11 @@ class ServerTrainer:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        if checkpoint and self._since_ckpt:
-            self.try_checkpoint()  # a failure is logged; the batches stay spooled for the next start
+        try:
+            if checkpoint and self._since_ckpt:
+                self.try_checkpoint()  # a failure is logged; the batches stay spooled for the next start
+        finally:
+            self.lock.release()
 
     def progress(self) -> dict:
         return {"step": self.step, "trained_batches": len(self.trained), "trained_rows": self.trained_rows,

@@ -1,4 +1,4 @@
-"""Split training in one process: N client models + one shared server model (SPEC §2).
+"""Split training in one process: N client models + one shared server model (docs/architecture.md#the-method).
 
 Every step, each client trains its own model on its levels 0 … k-1 with its own images, and
 discloses x_h (via :func:`collafuse.objectives.disclose`) for the server, which trains on
@@ -244,10 +244,13 @@ def train(cfg: RunConfig | None, run_dir: str, *, resume: bool = False, steps: i
             raise ConfigError(f"{run_dir!r} already holds a run; pass --resume to continue it or choose a new --out")
     if cfg.objective == "shared-noise":
         warnings.warn(SHARED_NOISE_WARNING, stacklevel=2)
+    from .run_lock import RunLock
+
     os.makedirs(run_dir, exist_ok=True)
-    trainer = SplitTrainer(cfg, run_dir, dataset)
-    if resume:
-        trainer.restore()
-    atomic_write_json(os.path.join(run_dir, "config.json"), cfg.to_dict())
-    atomic_write_json(os.path.join(run_dir, "data.json"), trainer.data_info.to_dict())
-    return trainer.run(progress=progress)
+    with RunLock(run_dir, "collafuse train"):  # refused while another process writes this run
+        trainer = SplitTrainer(cfg, run_dir, dataset)
+        if resume:
+            trainer.restore()
+        atomic_write_json(os.path.join(run_dir, "config.json"), cfg.to_dict())
+        atomic_write_json(os.path.join(run_dir, "data.json"), trainer.data_info.to_dict())
+        return trainer.run(progress=progress)

@@ -1,6 +1,6 @@
 """Running the app: one process (aiohttp's runner) or several (gunicorn's aiohttp worker).
 
-The handoff endpoint is stateless given the weights (SPEC §8), so scaling out is plain process
+The handoff endpoint is stateless given the weights (docs/architecture.md), so scaling out is plain process
 replication: every worker loads the model, runs its own batching engine and answers on the same
 port (gunicorn hands connections to workers); replicas on several machines go behind any HTTP
 load balancer. Rate limits and quotas are kept per process.
@@ -14,9 +14,11 @@ Gunicorn directly (what ``collafuse serve --workers N`` does)::
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import logging
 import os
+import socket
 import ssl
 
 from .config import ServerConfig, TokenEntry, load_server_config
@@ -57,17 +59,46 @@ def serve(cfg: ServerConfig) -> None:
         return
     from aiohttp import web
 
+    from collafuse.run_lock import RunLock
+
     from .app import create_app
 
-    app = create_app(cfg)  # fails fast on a bad run or token table
-    scheme = "https" if cfg.tls else "http"
-    # handler_cancellation: a client that hangs up cancels its handler, and the engine drops the job
-    # at the next step instead of computing samples nobody will read.
-    web.run_app(app, host=cfg.host, port=cfg.port, ssl_context=ssl_context(cfg),
-                shutdown_timeout=cfg.drain_timeout_s + 5, handler_cancellation=True,
-                keepalive_timeout=cfg.keepalive_timeout_s,
-                print=lambda *_: print(f"collafuse serve: listening on {scheme}://{cfg.host}:{cfg.port} "
-                                       f"(Ctrl-C to stop)", flush=True))
+    # The port first, then the run's lock, then the model: a second instance on a taken port, or a
+    # second trainer on a run, is refused before it loads anything or touches the run.
+    sock = bind_socket(cfg.host, cfg.port)
+    lock = RunLock(cfg.run_dir, "collafuse serve --train") if cfg.train else None
+    try:
+        if lock is not None:
+            lock.acquire()
+        app = create_app(cfg)  # fails fast on a bad run or token table
+        scheme = "https" if cfg.tls else "http"
+        port = sock.getsockname()[1]
+        # handler_cancellation: a client that hangs up cancels its handler, and the engine drops the job
+        # at the next step instead of computing samples nobody will read.
+        web.run_app(app, sock=sock, ssl_context=ssl_context(cfg),
+                    shutdown_timeout=cfg.drain_timeout_s + 5, handler_cancellation=True,
+                    keepalive_timeout=cfg.keepalive_timeout_s,
+                    print=lambda *_: print(f"collafuse serve: listening on {scheme}://{cfg.host}:{port} "
+                                           f"(Ctrl-C to stop)", flush=True))
+    finally:
+        if lock is not None:
+            lock.release()
+        sock.close()
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening socket on ``host:port``, or a one-line error when the port is taken."""
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family = infos[0][0]
+        sock = socket.create_server((host, port), family=family, backlog=128)
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            raise ServerConfigError(f"port {port} on {host} is already in use (another collafuse serve?); stop "
+                                    "that process or choose another --port") from None
+        raise ServerConfigError(f"cannot listen on {host}:{port}: {e}") from None
+    sock.set_inheritable(False)
+    return sock
 
 
 async def app_factory():

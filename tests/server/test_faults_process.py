@@ -207,3 +207,56 @@ def test_server_killed_mid_training_loses_no_acknowledged_batch(run_dir, tmp_pat
           f"trained + {len(spooled_at_kill)} spooled; {stats['errors']} failed attempts retried, "
           f"{stats['dup_after_retry']} answered 409 after the restart; finally {len(final['trained'])}/{total} "
           f"trained, {final['trained_rows']} rows = {rows}×{total}")
+
+
+def test_second_trainer_on_a_run_is_refused_before_it_does_anything(run_dir, tmp_path):
+    """Two ``serve --train`` on one run (different ports): the second exits non-zero naming the
+    holder, before it loads a model or touches the run; the first keeps training and every batch
+    it acknowledged is trained. A third on the first's port is refused for the port, also at once."""
+    import subprocess
+    import sys
+
+    run = str(tmp_path / "run")
+    shutil.copytree(run_dir, run)
+    cfg = tmp_path / "server.toml"
+    cfg.write_text(token_toml().replace("[server]", "[server]\ntrain = true\ntrain_checkpoint_every = 1\n"
+                                                    "train_batch_rows = 4"))
+    srv = ServeProcess(run, str(cfg), "--no-warmup", port=free_port(), timeout=180)
+    try:
+        before = sorted(os.listdir(run))
+        t0 = time.monotonic()
+        second = subprocess.run([sys.executable, "-m", "collafuse.cli", "serve", "--run", run, "--config", str(cfg),
+                                 "--port", str(free_port()), "--no-warmup"], capture_output=True, text=True,
+                                timeout=120)
+        assert second.returncode == 2, second.stderr
+        assert "in use by pid" in second.stderr and "collafuse serve --train" in second.stderr, second.stderr
+        assert "Traceback" not in second.stderr
+        same_port = subprocess.run([sys.executable, "-m", "collafuse.cli", "serve", "--run", run, "--config",
+                                    str(cfg), "--port", str(srv.port), "--no-warmup"], capture_output=True,
+                                   text=True, timeout=120)
+        assert same_port.returncode == 2 and "already in use" in same_port.stderr, same_port.stderr
+        assert "Traceback" not in same_port.stderr
+        assert sorted(os.listdir(run)) == before
+        refused_s = time.monotonic() - t0
+        from collafuse_edge.protocol import encode_tensor
+
+        acked = []
+        for i in range(6):
+            x = np.random.default_rng(i).standard_normal((4, 1, 16, 16)).astype(np.float32)
+            req = urllib.request.Request(srv.url + "/v1/train", data=encode_tensor(x), method="POST", headers={
+                **auth(0), "Content-Type": "application/x-npy", "X-Collafuse-Batch-Id": f"b{i}",
+                "X-Collafuse-Level": "29", "X-Collafuse-Labels": "0,1,2,3"})
+            with urllib.request.urlopen(req, timeout=30) as r:
+                assert r.status == 200
+            acked.append(f"0/b{i}")
+        for _ in range(600):
+            req = urllib.request.Request(srv.url + "/v1/info", headers=auth(0))
+            if json.load(urllib.request.urlopen(req, timeout=10))["training"]["pending_batches"] == 0:
+                break
+            time.sleep(0.1)
+        rc, log = srv.stop()
+    finally:
+        srv.kill()
+    assert rc == 0, log
+    assert set(_checkpoint_extra(run)["trained"]) == set(acked)
+    print(f"\nsecond trainer and second bind refused in {refused_s:.1f} s; {len(acked)} batches trained by the first")
