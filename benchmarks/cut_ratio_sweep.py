@@ -1,4 +1,4 @@
-"""The paper's experiment on our data: quality, disclosure and cost per cut ratio (SPEC §3).
+"""The paper's experiment on our data: quality, disclosure and cost per cut ratio (docs/architecture.md#metrics).
 
 3 clients, by-label non-IID partition of the embedded digits, cut ratios c ∈ {0, .2, .4, .6,
 .8, 1}; objectives ``exact`` and ``double-noise`` (they differ only for 0 < c < 1); baselines

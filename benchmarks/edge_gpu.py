@@ -1,5 +1,5 @@
 """Edge runtime on a GPU: onnxruntime's CUDA provider against torch on the same GPU, plus the
-provider checks a GPU box needs (issue 3). One run, one script, for a leased GPU machine.
+provider checks a GPU box needs. One run, one script, for a GPU machine.
 
 The model is the client preset (0.65 M params, class-conditional, 16×16×1), seeded random
 weights; the client runs c = 0.2 of T = 1000 levels (200 levels, DDPM). Parts:
@@ -9,7 +9,7 @@ weights; the client runs c = 0.2 of T = 1000 levels (200 levels, DDPM). Parts:
    ``cuda`` say.
 1. parity (fp32): the CUDA provider against the CPU provider per call (B = 1, 16, 256), and the
    full client loop (B = 4, 200 levels) against the edge CPU loop and the torch split sampler's
-   client half (``run_levels``, CPU fp32) with the same keyed noise — bar ≤ 1e-4 with TF32 off.
+   client half (``run_levels``, CPU fp32) with the same keyed noise — target ≤ 1e-4 with TF32 off.
    fp16 / int8 bundles and TF32 are reported against fp32.
 2. speed: one denoiser call and the full client loop at B = 1, 16, 256 for
    ``edge-cuda-{fp32,fp32-tf32,fp16,int8}`` (EdgeRuntime on the CUDA provider), ``torch`` (eager,
@@ -178,11 +178,11 @@ def main(argv=None) -> int:
                                 "vs_torch_cpu_fp32": float(np.abs(out - torch_loop).max())}
     parity["loop"]["edge-cpu-fp32"] = {"vs_torch_cpu_fp32": float(np.abs(cpu_loop - torch_loop).max())}
     fp32 = parity["loop"][f"edge-{ep}-fp32"]["vs_torch_cpu_fp32"]
-    parity["bar"] = f"edge {ep} fp32 full loop vs torch: {fp32:.2e} ({'PASS' if fp32 <= 1e-4 else 'FAIL'}: bar ≤ 1e-4)"
+    parity["target"] = f"edge {ep} fp32 full loop vs torch: {fp32:.2e} ({'PASS' if fp32 <= 1e-4 else 'FAIL'}: target ≤ 1e-4)"
     result["parity"] = parity
     print(format_table(parity["per_call"], list(parity["per_call"][0])))
     print(json.dumps(parity["loop"], indent=1))
-    print(parity["bar"], flush=True)
+    print(parity["target"], flush=True)
 
     # -- 2. speed --------------------------------------------------------------------------
     sync = torch.cuda.synchronize if gpu else (lambda: None)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The edge runtime's GPU check on a leased GPU machine (issue 3), in one command:
+# The edge runtime's GPU check on a GPU machine, in one command:
 #   bash benchmarks/edge_gpu_device.sh
 # Expects, carried in the repo (ignored paths): .gpu/rest/ (rest.tar.zst: the onnxruntime-gpu
 # wheel's files without its CUDA provider library; cuda.sha256; a zstandard wheel), the provider

@@ -1,5 +1,5 @@
 """Edge latency: numpy + onnxruntime (fp32 / fp16 / int8) against the torch/diffusers loop and
-torch.compile — the same client model, on this machine, in one run (SPEC §7, issue 3).
+torch.compile — the same client model, on this machine, in one run (docs/architecture.md#performance-targets).
 
 The model is the client preset (0.65 M params, class-conditional, 16×16×1); the client runs
 c = 0.2 of T = 1000 levels (200 levels, DDPM). Measured, at B = 1 and B = 16, with 1 and 2
@@ -19,7 +19,7 @@ processes hits them alike; latencies are medians.
     python benchmarks/edge_latency.py --quick               # smoke run: few repeats, no torch.compile
     python benchmarks/edge_latency.py --run runs/demo --client 0   # a trained client (int8 gate enforced)
 
-Bars (issue 3): edge loop ≥ 3× faster than the diffusers loop at B = 1; onnxruntime ≥ 55 % of the
+Targets: edge loop ≥ 3× faster than the diffusers loop at B = 1; onnxruntime ≥ 55 % of the
 fp32 matmul peak at B = 16. Reported here, never asserted in unit tests.
 """
 from __future__ import annotations
@@ -244,7 +244,7 @@ def main(argv=None) -> int:
             if row["threads"] == threads:  # best run against best run: both the least disturbed
                 row["peak_share"] = row["best_gflops"] / peaks[threads]["peak"]
 
-    bars = _bars(call_rows, loop_rows, args)
+    targets = _targets(call_rows, loop_rows, args)
     machine = machine_description()
     print(f"\nmachine: {machine['cpu']}, {machine['cores']} cores; load average {load_before[0]:.1f} at start, "
           f"{os.getloadavg()[0]:.1f} at end (other processes share these cores)")
@@ -255,14 +255,14 @@ def main(argv=None) -> int:
                                    "peak_share"]))
     print(f"\nper client loop ({k} levels, DDPM)")
     print(format_table(loop_rows, ["impl", "threads", "batch", "levels", "median_ms", "per_image_ms", "per_level_ms"]))
-    print("\nbars")
-    for line in bars["lines"]:
+    print("\ntargets")
+    for line in targets["lines"]:
         print("  " + line)
     result = {
         "benchmark": "edge_latency", "machine": machine, "load_average": {"start": load_before, "end": os.getloadavg()},
         "model": what, "params": count_params(unet), "flops_per_call": flops, "client_levels": k, "cut_ratio": cut,
         "T": schedule.T, "versions": {"torch": torch.__version__, **_versions()}, "torch_compile_s": compile_s,
-        "matmul_peak_gflops": peaks, "bundles": bundles, "calls": call_rows, "loops": loop_rows, "bars": bars,
+        "matmul_peak_gflops": peaks, "bundles": bundles, "calls": call_rows, "loops": loop_rows, "targets": targets,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2, default=str))
@@ -307,7 +307,7 @@ def _versions() -> dict:
     return {d: metadata.version(d) for d in ("onnxruntime", "diffusers", "numpy")}
 
 
-def _bars(call_rows, loop_rows, args) -> dict:
+def _targets(call_rows, loop_rows, args) -> dict:
     lines, checks = [], {}
     loop = {(r["impl"], r["threads"], r["batch"]): r["median_ms"] for r in loop_rows}
     call = {(r["impl"], r["threads"], r["batch"]): r for r in call_rows}
@@ -316,13 +316,13 @@ def _bars(call_rows, loop_rows, args) -> dict:
             ratio = loop[("diffusers", th, 1)] / loop[("edge-fp32", th, 1)]
             checks[f"loop_speedup_vs_diffusers_B1_t{th}"] = ratio
             lines.append(f"edge loop vs diffusers loop, B=1, {th} thread(s): {ratio:.2f}× faster "
-                         f"({'PASS' if ratio >= 3 else 'FAIL'}: bar ≥ 3×)")
+                         f"({'PASS' if ratio >= 3 else 'FAIL'}: target ≥ 3×)")
         big = max(args.batches)
         if ("edge-fp32", th, big) in call:
             share = call[("edge-fp32", th, big)]["peak_share"]
             checks[f"ort_peak_share_B{big}_t{th}"] = share
             lines.append(f"onnxruntime fp32 at B={big}, {th} thread(s): {share:.0%} of the fp32 matmul peak (best runs) "
-                         f"({'PASS' if share >= 0.55 else 'FAIL'}: bar ≥ 55 %)")
+                         f"({'PASS' if share >= 0.55 else 'FAIL'}: target ≥ 55 %)")
         for prec in ("fp16", "int8"):
             rows = [(call.get((f"edge-{prec}", th, b)), call.get(("edge-fp32", th, b))) for b in args.batches]
             if all(v and f for v, f in rows):

@@ -1,5 +1,5 @@
-"""Server training on a GPU, taken apart: where a `server_update` step's time goes (issue 5's
-GPU bar: ≥ 30 k img/s, server preset, B = 1024).
+"""Server training on a GPU, taken apart: where a `server_update` step's time goes (the
+GPU target: ≥ 30 k img/s, server preset, B = 1024).
 
 One model per precision, compiled once; the variants share it and differ only in what wraps
 the model, timed in interleaved rounds:

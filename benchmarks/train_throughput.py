@@ -4,8 +4,8 @@ the same code the networked trainer runs), per model preset, batch size and prec
     python benchmarks/train_throughput.py --out runs/bench-train                 # this CPU
     python benchmarks/train_throughput.py --device cuda --batch 256,1024 --bf16 --compile   # a GPU
 
-Prints a table, writes JSON with the machine. Reference (issue 5, H200, server preset): 6.8 k img/s
-fp32 eager at B=256; 35.7 k img/s bf16 + torch.compile at B=1024. Bar on a GPU: ≥ 30 k img/s.
+Prints a table, writes JSON with the machine. Reference (H200, server preset): 6.8 k img/s
+fp32 eager at B=256; 35.7 k img/s bf16 + torch.compile at B=1024. Target on a GPU: ≥ 30 k img/s.
 """
 from __future__ import annotations
 

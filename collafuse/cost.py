@@ -1,4 +1,4 @@
-"""What one generated image costs each side (SPEC §3 "client cost"): counted FLOPs, bytes on
+"""What one generated image costs each side (docs/architecture.md#metrics, "client cost"): counted FLOPs, bytes on
 the wire and the client's latency on the edge runtime.
 
 FLOPs are counted with torch's ``FlopCounterMode`` on the real models (one forward call at

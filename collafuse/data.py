@@ -1,4 +1,4 @@
-"""Datasets and their partition across clients (SPEC §6).
+"""Datasets and their partition across clients (docs/architecture.md#default-data).
 
 Images are float32 ``[N, C, H, W]`` in [-1, 1]; labels int64 ``[N]``. Sources: the embedded
 default (scikit-learn's handwritten digits, 8×8 → ``image_size``), a MedMNIST-style ``.npz``

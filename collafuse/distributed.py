@@ -1,4 +1,4 @@
-"""Server training on several GPUs or nodes with PyTorch DDP, launched by ``torchrun`` (SPEC §8).
+"""Server training on several GPUs or nodes with PyTorch DDP, launched by ``torchrun`` (docs/architecture.md).
 
 Trains the shared server model on the disclosures the server has durably queued
 (``RUN/server_training/spool``), re-noising each x_h with fresh ε′ every step exactly as the

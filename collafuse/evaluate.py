@@ -1,4 +1,4 @@
-"""Evaluate a trained run (SPEC §3): quality, disclosure, the reconstruction attack and cost.
+"""Evaluate a trained run (docs/architecture.md#metrics): quality, disclosure, the reconstruction attack and cost.
 
 Per client, against that client's own private split:
 

@@ -1,4 +1,4 @@
-"""What a client discloses to the server, and the losses both sides train with (SPEC §2).
+"""What a client discloses to the server, and the losses both sides train with (docs/architecture.md#the-method).
 
 The client→server disclosure goes through :func:`disclose` only; it returns exactly what would
 cross the network (a :class:`Disclosure`), so the in-process simulation and the networked mode

@@ -1,4 +1,4 @@
-"""Split sampling in torch: the server's levels T-1 … k, then the client's k-1 … 0 (SPEC §2).
+"""Split sampling in torch: the server's levels T-1 … k, then the client's k-1 … 0 (docs/architecture.md#the-method).
 
 The loop is written out plainly (timetable → model → step) and reuses the numpy schedule maths
 of :mod:`collafuse_edge.schedule` and the keyed noise of :mod:`collafuse_edge.noise`, so the

@@ -1,4 +1,4 @@
-"""The server's durable queue of disclosed batches (networked training, SPEC §5 ``POST /v1/train``).
+"""The server's durable queue of disclosed batches (``POST /v1/train``, docs/architecture.md#contracts).
 
 An upload is acknowledged only after :meth:`DisclosureSpool.put` returns, i.e. once its tensor and
 its metadata are fsync'ed and renamed into ``pending/``. A batch leaves ``pending/`` only after a

@@ -1,4 +1,4 @@
-"""Export one client's denoiser as an edge bundle (SPEC §5): ONNX + validated manifest.
+"""Export one client's denoiser as an edge bundle (docs/architecture.md#contracts): ONNX + validated manifest.
 
     result = export_bundle(unet, schedule, cut_ratio=0.2, out_dir="bundle/",
                            config=ExportConfig(precision="int8"),

@@ -1,4 +1,4 @@
-"""Metrics of SPEC §3: quality (FD/KD in classifier feature space), information disclosure,
+"""Metrics (docs/architecture.md#metrics): quality (FD/KD in classifier feature space), information disclosure,
 and the pure-metric half of the reconstruction attack.
 
 The feature extractor is a small classifier trained by the project on the dataset itself

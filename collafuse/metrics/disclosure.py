@@ -1,4 +1,4 @@
-"""How much of a client's training data the server gets to see (SPEC §3).
+"""How much of a client's training data the server gets to see (docs/architecture.md#metrics).
 
 * :func:`disclosure_scores` — the paper's metrics: KD (in classifier feature space) and mean
   pixel MSE between what the server sees (the disclosed ``x_h`` during training, the handoff

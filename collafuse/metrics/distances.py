@@ -1,4 +1,4 @@
-"""Distances between sets of features and between images (SPEC §3).
+"""Distances between sets of features and between images (docs/architecture.md#metrics).
 
 * :func:`frechet_distance` (FD): the Fréchet distance between Gaussians fitted to two feature
   sets — FID's formula. With the project's classifier features it is "FD in classifier feature

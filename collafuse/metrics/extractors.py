@@ -1,4 +1,4 @@
-"""Where feature extractors come from: the per-dataset cache and user-supplied files (SPEC §3).
+"""Where feature extractors come from: the per-dataset cache and user-supplied files (docs/architecture.md#metrics).
 
 * :func:`get_feature_net` — a user file when given, else the project's classifier trained once
   per dataset and cached under a key of the dataset's name, shape and content hash.

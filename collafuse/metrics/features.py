@@ -1,4 +1,4 @@
-"""The feature extractor behind "FD/KD in classifier feature space" (SPEC §3).
+"""The feature extractor behind "FD/KD in classifier feature space" (docs/architecture.md#metrics).
 
 Inception weights cannot be downloaded here, so the default extractor is a small CNN
 classifier that the project trains on the dataset itself; its features are the penultimate

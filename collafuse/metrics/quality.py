@@ -1,4 +1,4 @@
-"""Sample quality against held-out real images: FD and KD in classifier feature space (SPEC §3).
+"""Sample quality against held-out real images: FD and KD in classifier feature space (docs/architecture.md#metrics).
 
 These are FID/KID's formulas on the features of :mod:`collafuse.metrics.features` (the
 project's classifier, or a user-supplied network); report them as "FD/KD in classifier feature

@@ -1,4 +1,4 @@
-"""Exported client bundles: ``manifest.json`` plus one single-file ONNX model (SPEC §5).
+"""Exported client bundles: ``manifest.json`` plus one single-file ONNX model (docs/architecture.md#contracts).
 
 A bundle is what ``collafuse export`` writes and what ``collafuse-edge`` runs. This module reads,
 validates and writes manifests with json and hashlib only (no torch, no onnx, no onnxruntime),

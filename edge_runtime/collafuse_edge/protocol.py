@@ -1,4 +1,4 @@
-"""The wire protocol between edge clients and the collafuse server (SPEC §5).
+"""The wire protocol between edge clients and the collafuse server (docs/architecture.md#contracts).
 
 Tensors travel as NumPy ``.npy`` bytes (format version 1.0/2.0, never pickled), content type
 ``application/x-npy``. Metadata travels in ``X-Collafuse-*`` headers. JSON carries only small

@@ -3,7 +3,7 @@
 Tables are numpy float64, computed once. Step functions take the model output *and the noise*
 as arguments and work on numpy arrays or torch tensors alike (duck-typed: only ``*``, ``+``,
 ``-`` and ``.clip`` are used on the sample), so the torch sampler and the edge sampler run the
-same formulas and cannot drift. Conventions follow diffusers (SPEC §2):
+same formulas and cannot drift. Conventions follow diffusers (docs/architecture.md#the-method):
 
 * levels are ``0 … T-1``; the sampler starts from pure noise at level ``T-1``;
 * the step at level ``t`` yields the sample at level ``prev_t`` (``t-1`` for full DDPM);

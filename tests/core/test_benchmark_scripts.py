@@ -1,4 +1,4 @@
-"""The GPU benchmark scripts keep working between GPU leases: their CPU smoke modes run here."""
+"""The GPU benchmark scripts keep working between GPU runs: their CPU smoke modes run here."""
 from __future__ import annotations
 
 import json
@@ -37,5 +37,5 @@ def test_edge_gpu_smoke(tmp_path):
     _run(["benchmarks/edge_gpu.py", "--device", "cpu", "--quick", "--bundles", str(tmp_path / "b"), "--out", str(out)],
          timeout=900)
     res = json.loads(out.read_text())
-    assert res["parity"]["bar"].endswith("(PASS: bar ≤ 1e-4)")
+    assert res["parity"]["target"].endswith("(PASS: target ≤ 1e-4)")
     assert {r["impl"] for r in res["loops"]} >= {"edge-cpu-fp32", "torch", "diffusers"}

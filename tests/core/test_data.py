@@ -1,4 +1,4 @@
-"""Datasets and partitions (SPEC §6)."""
+"""Datasets and partitions (docs/architecture.md#default-data)."""
 import numpy as np
 import pytest
 

@@ -1,4 +1,4 @@
-"""Evaluation of a run: quality, disclosure, reconstruction attack and cost (SPEC §3), on tiny runs."""
+"""Evaluation of a run: quality, disclosure, reconstruction attack and cost (docs/architecture.md), on tiny runs."""
 import json
 import math
 import os

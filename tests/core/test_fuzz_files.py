@@ -1,4 +1,4 @@
-"""Fuzzing of the files the core reads from others (issue 7): MedMNIST-style ``.npz`` datasets
+"""Fuzzing of the files the core reads from others: MedMNIST-style ``.npz`` datasets
 and run directories / checkpoints (JSON + safetensors).
 
 Every damaged input — truncated, bit-flipped, wrong dtype, lying ``.npy`` headers, a header that

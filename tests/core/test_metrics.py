@@ -1,4 +1,4 @@
-"""Metrics of SPEC §3: distances, the classifier feature space, disclosure and reconstruction scores."""
+"""Metrics (docs/architecture.md): distances, the classifier feature space, disclosure and reconstruction scores."""
 import dataclasses
 import json
 import math

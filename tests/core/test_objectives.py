@@ -1,4 +1,4 @@
-"""The `exact` server objective is unbiased; `double-noise` is not (SPEC §2, training step 3)."""
+"""The `exact` server objective is unbiased; `double-noise` is not (docs/architecture.md#the-method, training step 3)."""
 import numpy as np
 import pytest
 import torch

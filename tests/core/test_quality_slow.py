@@ -1,4 +1,4 @@
-"""A 3000-step client-size run on the digits produces recognisable digits (issue 2).
+"""A 3000-step client-size run on the digits produces recognisable digits.
 
 Slow (≈20-30 min on 2 cores): `pytest -m slow tests/core/test_quality_slow.py`. "Recognisable" is
 measured, not eyeballed: the project's digit classifier (≈99 % test accuracy on real digits) must

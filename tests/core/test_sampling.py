@@ -1,4 +1,4 @@
-"""Split sampling equals unsplit sampling with the same model on both sides (SPEC §2)."""
+"""Split sampling equals unsplit sampling with the same model on both sides (docs/architecture.md#the-method)."""
 import numpy as np
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""The numpy schedule maths in collafuse_edge against diffusers' schedulers (SPEC §2)."""
+"""The numpy schedule maths in collafuse_edge against diffusers' schedulers (docs/architecture.md#the-method)."""
 import numpy as np
 import pytest
 import torch

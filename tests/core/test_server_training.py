@@ -1,5 +1,5 @@
 """Networked server training: durable spool, exactly-once training across restarts, and the
-same server update as the in-process simulation (issue 5)."""
+same server update as the in-process simulation."""
 import os
 
 import numpy as np

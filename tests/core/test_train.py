@@ -1,4 +1,4 @@
-"""Split training, checkpoints, resume and bad input (issue 2)."""
+"""Split training, checkpoints, resume and bad input."""
 import json
 import os
 

@@ -1,4 +1,4 @@
-"""Fuzzing of the file formats the edge runtime reads from others (issue 7): the ``.npy`` tensor
+"""Fuzzing of the file formats the edge runtime reads from others: the ``.npy`` tensor
 wire format, the ``X-Collafuse-Shape`` header, bundle manifests and bundle ONNX files.
 
 Every input — truncated, bit-flipped, wrong dtype, lying shape header, NaN/Inf, a header that

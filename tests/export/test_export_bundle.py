@@ -17,7 +17,7 @@ from collafuse.export.exporter import ExportConfig, export_bundle
 from collafuse.export.variants import GateThresholds
 from collafuse_edge import EdgeRuntime, load_bundle
 
-SPEC = FIXTURE_BY_NAME["tiny_local"]
+FIXTURE = FIXTURE_BY_NAME["tiny_local"]
 
 
 def test_cli_constants_mirror_the_exporter():
@@ -29,7 +29,7 @@ def test_dynamo_failure_falls_back_to_legacy_and_says_so(tmp_path, monkeypatch):
         raise RuntimeError("simulated dynamo failure")
 
     monkeypatch.setattr(onnx_export, "_export_dynamo", broken)
-    r = export_bundle(fixture_model(SPEC), SPEC.schedule, 1.0, tmp_path / "b",
+    r = export_bundle(fixture_model(FIXTURE), FIXTURE.schedule, 1.0, tmp_path / "b",
                       config=ExportConfig(measure_speed=False))
     model = r.manifest["model"]
     assert model["exporter_kind"] == "legacy" and model["exporter"] == "torch.onnx (legacy)"
@@ -38,7 +38,7 @@ def test_dynamo_failure_falls_back_to_legacy_and_says_so(tmp_path, monkeypatch):
     out = EdgeRuntime.open(r.bundle_dir).generate_local(2, seed=0)
     assert out.shape == (2, 3, 8, 8)
     with pytest.raises(ExportError, match="dynamo ONNX exporter failed"):  # no fallback when asked for dynamo
-        export_bundle(fixture_model(SPEC), SPEC.schedule, 1.0, tmp_path / "c",
+        export_bundle(fixture_model(FIXTURE), FIXTURE.schedule, 1.0, tmp_path / "c",
                       config=ExportConfig(exporter="dynamo"))
     assert not (tmp_path / "c").exists()  # a failed export leaves nothing behind
     assert [p.name for p in tmp_path.iterdir()] == ["b"]
@@ -96,7 +96,7 @@ def test_cli_a_failed_export_exits_1(tmp_path, capsys, monkeypatch):
 
 
 def test_export_refusals(tmp_path):
-    m, s = fixture_model(SPEC), SPEC.schedule
+    m, s = fixture_model(FIXTURE), FIXTURE.schedule
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x.txt").write_text("mine")
     with pytest.raises(ExportError, match="already holds files"):

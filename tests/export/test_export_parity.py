@@ -31,26 +31,26 @@ from collafuse_edge.noise import initial_noise
 from collafuse_edge.schedule import client_timetable
 
 FIXTURES = Path(__file__).parents[1] / "edge" / "fixtures"
-SPEC = FIXTURE_BY_NAME["tiny_cond"]  # T = 100, c = 0.2 → client levels 19 … 0, 10 classes, 1×8×8
+FIXTURE = FIXTURE_BY_NAME["tiny_cond"]  # T = 100, c = 0.2 → client levels 19 … 0, 10 classes, 1×8×8
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory) -> Path:
     """The conditional fixture bundle, exported afresh (dynamo exporter)."""
-    return write_fixture(SPEC, tmp_path_factory.mktemp("export") / "tiny_cond").bundle_dir
+    return write_fixture(FIXTURE, tmp_path_factory.mktemp("export") / "tiny_cond").bundle_dir
 
 
 @pytest.fixture(scope="module")
 def model() -> torch.nn.Module:
-    return fixture_model(SPEC)
+    return fixture_model(FIXTURE)
 
 
 @pytest.mark.parametrize("sampler", [SamplerConfig("ddpm"), SamplerConfig("ddim", 7), SamplerConfig("ddim", 7, eta=1.0)])
 def test_edge_finishes_like_the_torch_split_sampler(exported, model, sampler):
-    server_model = fixture_model(dataclasses.replace(SPEC, seed=5))  # any other denoiser serves
-    k = SPEC.client_levels
+    server_model = fixture_model(dataclasses.replace(FIXTURE, seed=5))  # any other denoiser serves
+    k = FIXTURE.client_levels
     labels = np.array([0, 3, 9, 4, 4, 1], dtype=np.int64)
-    ref = split_sample(server_model, model, SPEC.schedule, k, len(labels), shape=(1, 8, 8), labels=labels,
+    ref = split_sample(server_model, model, FIXTURE.schedule, k, len(labels), shape=(1, 8, 8), labels=labels,
                        server_labels=labels, sampler=sampler.sampler, client_steps=sampler.steps,
                        server_steps=10 if sampler.sampler == "ddim" else None, eta=sampler.eta, seed=123)
     rt = EdgeRuntime.open(exported)
@@ -65,9 +65,9 @@ def test_every_batch_row_and_batch_size_agree(exported, model):
     for n in (1, 9):
         x = initial_noise(n, (n, 1, 8, 8))
         labels = np.arange(n) % 10
-        ref = run_levels(model, SPEC.schedule, torch.from_numpy(x), client_timetable(SPEC.client_levels),
+        ref = run_levels(model, FIXTURE.schedule, torch.from_numpy(x), client_timetable(FIXTURE.client_levels),
                          labels, seed=n).numpy()
-        out = rt.finish(Handoff(x, SPEC.client_levels - 1, seed=n), labels)
+        out = rt.finish(Handoff(x, FIXTURE.client_levels - 1, seed=n), labels)
         assert np.max(np.abs(out - ref)) <= 1e-4
 
 
@@ -122,7 +122,7 @@ def test_variants_pass_their_gate_and_keep_the_interface(exported, tmp_path, pre
     rng = np.random.default_rng(0)
     images = np.tanh(rng.standard_normal((64, 1, 8, 8))).astype(np.float32)
     labels = rng.integers(0, 10, 64)
-    sched, k = SPEC.schedule, SPEC.client_levels
+    sched, k = FIXTURE.schedule, FIXTURE.client_levels
     fp32, dst = exported / "denoiser.onnx", tmp_path / f"{precision}.onnx"
     if precision == "fp16":
         info = to_fp16(fp32, dst)

@@ -1,4 +1,4 @@
-"""The HTTP contract (SPEC §5): routes, auth, limits, JSON errors for every caller mistake."""
+"""The HTTP contract (docs/architecture.md#contracts): routes, auth, limits, JSON errors for every caller mistake."""
 from __future__ import annotations
 
 import json

@@ -1,5 +1,5 @@
 """Step-level batching: concurrent requests at different levels share forwards and each gets
-exactly what it gets when served alone — and what in-process split sampling gives (SPEC §2)."""
+exactly what it gets when served alone — and what in-process split sampling gives (docs/architecture.md#the-method)."""
 from __future__ import annotations
 
 import asyncio

@@ -1,5 +1,5 @@
 """End to end on loopback: a real ``collafuse serve`` process, an exported bundle, the torch-free
-edge client over HTTP — equal to in-process split sampling with the same seed (SPEC §2, §5).
+edge client over HTTP — equal to in-process split sampling with the same seed (docs/architecture.md).
 Also: several worker processes (gunicorn's aiohttp worker) and graceful SIGTERM."""
 from __future__ import annotations
 

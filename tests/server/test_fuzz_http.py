@@ -1,4 +1,4 @@
-"""HTTP API fuzzing (issue 7): schemathesis generates requests from the server's own OpenAPI
+"""HTTP API fuzzing: schemathesis generates requests from the server's own OpenAPI
 document (positive and negative data, every route), hypothesis adds hostile bodies, headers and
 tokens; the server answers each with a non-5xx status and a JSON error for every refusal, and
 ``/healthz`` is still 200 afterwards.

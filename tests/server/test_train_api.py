@@ -1,4 +1,4 @@
-"""POST /v1/train and networked training (issue 5): bad uploads never reach the trainer; 3 client
+"""POST /v1/train and networked training: bad uploads never reach the trainer; 3 client
 processes + 1 server on loopback; the server killed mid-training loses no acknowledged batch."""
 from __future__ import annotations
 
