@@ -304,28 +304,70 @@ class LoadedRun:
     server: torch.nn.Module
     clients: list[torch.nn.Module]
     step: int
+    model_version: str = ""  # of the server weights loaded: run@step:sha256[:12]
 
     @property
     def num_classes(self) -> int:
         return self.data.num_classes
 
 
-def load_run(run_dir: str, device: str | torch.device = "cpu") -> LoadedRun:
+SERVER_TRAINING_DIR = "server_training"  # the networked trainer's checkpoints inside a run
+SERVER_CHECKPOINT_CHOICES = ("latest", "run")
+
+
+def server_checkpoint(run_dir: str, which: str = "latest") -> str:
+    """The checkpoint folder whose server weights a run serves, samples and evaluates with.
+
+    ``latest`` (default): the networked trainer's newest checkpoint (``RUN/server_training``) when
+    there is one — what the server learned from the sites' uploads — else the run's own newest;
+    ``run``: the run's own newest, ignoring networked training; any other value: a checkpoint folder
+    (``…/checkpoints/step_N``) holding ``server.safetensors``."""
+    if which in SERVER_CHECKPOINT_CHOICES:
+        trained_dir = os.path.join(run_dir, SERVER_TRAINING_DIR)
+        trained = latest_checkpoint(trained_dir) if which == "latest" and os.path.isdir(trained_dir) else None
+        ckpt = trained or latest_checkpoint(run_dir)
+        if ckpt is None:
+            raise CheckpointError(f"run {run_dir!r} has no checkpoint yet (no LATEST file); train it first")
+        return ckpt
+    if not os.path.isfile(os.path.join(which, "server.safetensors")) or \
+            not os.path.isfile(os.path.join(which, "state.json")):
+        raise CheckpointError(f"server checkpoint {which!r} is not a checkpoint folder with server.safetensors; "
+                              f"pass latest, run, or a RUN/[server_training/]checkpoints/step_N folder")
+    return which
+
+
+def model_version(run_dir: str, ckpt: str) -> tuple[str, int]:
+    """``"<run name>@<step>:<sha256[:12] of the server weights>"`` of ``ckpt``, and its step: the one
+    name of a served model, identical in every process that serves the same weights."""
+    meta = read_state(ckpt, verify=False)
+    digest = meta.get("files", {}).get("server.safetensors", "unknown")
+    name = os.path.basename(os.path.abspath(run_dir))
+    return f"{name}@{int(meta['step'])}:{digest[:12]}", int(meta["step"])
+
+
+def load_run(run_dir: str, device: str | torch.device = "cpu", server_weights: str = "latest") -> LoadedRun:
+    """The run's EMA models: clients from the run's newest checkpoint, the server from
+    :func:`server_checkpoint` (``server_weights``: latest | run | a checkpoint folder)."""
     cfg = read_config(run_dir)
     info = read_data_info(run_dir)
     ckpt = latest_checkpoint(run_dir)
     if ckpt is None:
         raise CheckpointError(f"run {run_dir!r} has no checkpoint yet (no LATEST file); train it first")
     meta = read_state(ckpt)
+    sckpt = server_checkpoint(run_dir, server_weights)
+    if sckpt != ckpt:
+        read_state(sckpt)  # verifies the server checkpoint's hashes
     ccfg, scfg = model_configs(cfg, info)
     server = build_unet(scfg)
-    load_weights(server, os.path.join(ckpt, "server.safetensors"))
+    load_weights(server, os.path.join(sckpt, "server.safetensors"))
     clients = []
     for i in range(cfg.data.num_clients):
         m = build_unet(ccfg)
         load_weights(m, os.path.join(ckpt, f"client_{i}.safetensors"))
         clients.append(m.to(device).eval())
-    return LoadedRun(run_dir, cfg, info, cfg.schedule.build(), server.to(device).eval(), clients, int(meta["step"]))
+    version, _ = model_version(run_dir, sckpt)
+    return LoadedRun(run_dir, cfg, info, cfg.schedule.build(), server.to(device).eval(), clients, int(meta["step"]),
+                     version)
 
 
 def restore_model_state(ckpt_dir: str, meta: dict, ms: ModelState) -> None:

@@ -128,7 +128,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     sc = SampleConfig(n=args.n, sampler=args.sampler, server_steps=args.server_steps,
                       client_steps=args.client_steps, seed=args.seed)
     out = check_output_path(args.out)
-    run = load_run(args.run, device=resolve_device(args.device))
+    run = load_run(args.run, device=resolve_device(args.device), server_weights=args.server_checkpoint)
+    print(f"server weights {run.model_version}")
     clients = range(run.config.data.num_clients) if args.client == "all" else [int(args.client)]
     for c in clients:
         if not (0 <= c < run.config.data.num_clients):
@@ -187,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sample", help="split-sample images from a trained run")
     s.add_argument("--run", required=True)
+    s.add_argument("--server-checkpoint", default="latest", metavar="WHICH",
+                   help="server weights: latest (the networked trainer's newest checkpoint, else the run's), "
+                        "run, or a checkpoint folder")
     s.add_argument("--client", default="all", help="client index or 'all'")
     s.add_argument("-n", type=int, default=16, help="images per client")
     add_sampler_args(s)

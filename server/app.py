@@ -21,7 +21,9 @@ from typing import AsyncIterator
 
 from aiohttp import web
 
-from collafuse.checkpoint import LoadedRun, latest_checkpoint, read_config, read_data_info, read_state
+from collafuse.checkpoint import LoadedRun, load_tensors, read_config, read_data_info, server_checkpoint
+from collafuse.checkpoint import model_version as checkpoint_model_version
+from collafuse.errors import CheckpointError
 
 from .auth import TokenStore
 from .config import ServerConfig
@@ -36,16 +38,14 @@ from .token_reload import token_reload_ctx
 log = logging.getLogger("collafuse.server")
 
 
-def model_version(run_dir: str) -> tuple[str, int]:
-    """``"<run name>@<step>:<sha256[:12] of the server weights>"`` and the step; identical in every
-    process that serves the same checkpoint, so clients can tell replicas apart when they differ."""
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is None:
-        raise ServerConfigError(f"run {run_dir!r} has no checkpoint yet (no LATEST file); train it first")
-    meta = read_state(ckpt, verify=False)
-    digest = meta.get("files", {}).get("server.safetensors", "unknown")
-    name = os.path.basename(os.path.abspath(run_dir))
-    return f"{name}@{int(meta['step'])}:{digest[:12]}", int(meta["step"])
+def model_version(run_dir: str, which: str = "latest") -> tuple[str, int]:
+    """``"<run name>@<step>:<sha256[:12] of the server weights>"`` of the server checkpoint ``which``
+    (latest | run | a folder) and its step; identical in every process that serves the same
+    weights, so clients can tell replicas apart when they differ."""
+    try:
+        return checkpoint_model_version(run_dir, server_checkpoint(run_dir, which))
+    except CheckpointError as e:
+        raise ServerConfigError(str(e)) from None
 
 
 def _load_engine(state: ServerState) -> StepEngine:
@@ -60,7 +60,7 @@ def _load_engine(state: ServerState) -> StepEngine:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
-    run = state.preloaded if state.preloaded is not None else load_run(cfg.run_dir, device="cpu")
+    run = state.preloaded if state.preloaded is not None else load_run(cfg.run_dir, device="cpu", server_weights=cfg.server_checkpoint)
     den = TorchDenoiser(run.server, device, AccelConfig(cfg.precision, cfg.compile, cfg.cuda_graphs),
                         cfg.max_batch_rows)
     state.accel = den.accel.describe()
@@ -111,12 +111,57 @@ def _publish_weights(app: web.Application, loop: asyncio.AbstractEventLoop, sd: 
 
     async def swap() -> None:
         await engine.run_sync(load)
-        name = os.path.basename(os.path.abspath(state.config.run_dir))
-        state.model_version = f"{name}@server-train-{version}"
-        state.step = version
+        state.model_version, state.step = name, step
         log.info("serving new server weights %s", state.model_version)
 
+    name, step = model_version(state.config.run_dir)  # the checkpoint that holds these weights
     asyncio.run_coroutine_threadsafe(swap(), loop).result()
+
+
+async def _weights_watch_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Serving without ``--train`` (e.g. N gunicorn workers beside one training process): poll the
+    run for a newer server checkpoint and swap it in between engine steps, dropping no request."""
+    state = app[STATE]
+    cfg = state.config
+    if cfg.train or cfg.server_checkpoint != "latest" or not cfg.weights_poll_s:
+        yield
+        return
+    loop = asyncio.get_running_loop()
+
+    def newer() -> tuple[str, dict] | None:
+        ckpt = server_checkpoint(cfg.run_dir, "latest")
+        version, _ = checkpoint_model_version(cfg.run_dir, ckpt)
+        if version == state.model_version:
+            return None
+        sd = load_tensors(os.path.join(ckpt, "server.raw.safetensors"))
+        sd.update(load_tensors(os.path.join(ckpt, "server.safetensors")))  # EMA over the raw weights
+        return version, sd
+
+    async def watch() -> None:
+        while True:
+            await asyncio.sleep(cfg.weights_poll_s)
+            if state.engine is None:
+                continue
+            try:
+                found = await loop.run_in_executor(None, newer)
+                if found is not None:
+                    version, sd = found
+                    model = state.engine.denoise.model
+                    await state.engine.run_sync(lambda: model.load_state_dict(sd))
+                    state.model_version, state.step = version, int(version.split("@")[1].split(":")[0])
+                    log.info("serving new server weights %s", version)
+            except (CheckpointError, OSError, RuntimeError, ValueError) as e:  # a checkpoint being replaced
+                log.warning("new server weights not loaded yet (%s); still serving %s", e, state.model_version)
+
+    task = asyncio.create_task(watch())
+    try:
+        yield
+    finally:
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
 
 
 async def _trainer_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -156,7 +201,7 @@ def create_app(config: ServerConfig, *, run: LoadedRun | None = None) -> web.App
     run_config = read_config(config.run_dir) if run is None else run.config
     data = read_data_info(config.run_dir) if run is None else run.data
     tokens = TokenStore.from_config(config, run_config.cut_ratios, run_config.schedule.num_train_timesteps)
-    version, step = model_version(config.run_dir)
+    version, step = model_version(config.run_dir, config.server_checkpoint)
     state = ServerState(config, run_config, data, tokens, ServerMetrics(), model_version=version, step=step,
                         schedule_doc=run_config.schedule.build().to_dict(), preloaded=run)
     body_limit = max(config.max_body_bytes, config.max_train_body_bytes if config.train else 0)
@@ -165,6 +210,7 @@ def create_app(config: ServerConfig, *, run: LoadedRun | None = None) -> web.App
     app.cleanup_ctx.append(token_reload_ctx)  # first: SIGHUP must not kill a server still loading
     app.cleanup_ctx.append(_engine_ctx)
     app.cleanup_ctx.append(_trainer_ctx)
+    app.cleanup_ctx.append(_weights_watch_ctx)
     app.on_shutdown.append(_drain)
     setup_routes(app)
     return app

@@ -53,6 +53,11 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
                    help="processes (default 1); >1 runs gunicorn's aiohttp worker (pip install gunicorn)")
     p.add_argument("--train", action="store_true", default=None,
                    help="accept POST /v1/train uploads and train the server model in the background")
+    p.add_argument("--server-checkpoint", default=None, metavar="WHICH",
+                   help="server weights: latest (default: the networked trainer's newest checkpoint, else the "
+                        "run's; picked up while serving), run (the run's own), or a checkpoint folder")
+    p.add_argument("--weights-poll", dest="weights_poll_s", type=float, default=None, metavar="S",
+                   help="without --train: look for newer trainer checkpoints every S seconds (default 5; 0 = never)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.add_argument("--new-token", type=int, metavar="K", default=None,
                    help="print a fresh token for client K and the [[tokens]] entry to add, then exit")
@@ -62,7 +67,7 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
 
 _OPTIONS = ("host", "port", "device", "precision", "compile", "cuda_graphs", "threads", "batching",
             "max_batch_rows", "max_n", "max_queue", "max_body_bytes", "drain_timeout_s", "tls_cert",
-            "tls_key", "warmup", "workers", "train")
+            "tls_key", "warmup", "workers", "train", "server_checkpoint", "weights_poll_s")
 
 
 @command("collafuse serve")

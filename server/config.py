@@ -126,6 +126,11 @@ class ServerConfig:
     # token_reload_s seconds; 0 = only on SIGHUP). Set by load_server_config; None = no file.
     config_file: str | None = None
     token_reload_s: float = 5.0
+    # Which server weights: "latest" (the networked trainer's newest checkpoint, else the run's),
+    # "run" (the run's own), or a checkpoint folder. With "latest" and no --train, a serving process
+    # looks for newer trainer checkpoints every weights_poll_s seconds (0 = never) and swaps them in.
+    server_checkpoint: str = "latest"
+    weights_poll_s: float = 5.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tokens", tuple(self.tokens))
@@ -150,6 +155,10 @@ class ServerConfig:
             )
         for name in ("drain_timeout_s", "keepalive_timeout_s", "body_timeout_s", "send_timeout_s"):
             check_number(name, getattr(self, name), positive=True, error=ServerConfigError)
+        check_number("weights_poll_s", self.weights_poll_s, low=0, error=ServerConfigError)
+        if not isinstance(self.server_checkpoint, str) or not self.server_checkpoint:
+            raise ServerConfigError(f"server_checkpoint must be latest, run or a checkpoint folder, "
+                                    f"got {self.server_checkpoint!r}")
         if not is_number(self.token_reload_s) or not (self.token_reload_s >= 0) or math.isinf(self.token_reload_s):
             raise ServerConfigError(f"token_reload_s must be a number of seconds ≥ 0 (0: only on SIGHUP), "
                                     f"got {self.token_reload_s!r}")

@@ -24,7 +24,10 @@ def is_number(value: Any) -> bool:
     """A finite-or-infinite real number (int/float, numpy too), not a bool, not NaN."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
         return False
-    return not math.isnan(float(value))
+    try:
+        return not math.isnan(float(value))
+    except OverflowError:  # an int beyond float range is still a (huge) number
+        return True
 
 
 def _range_text(low: float | None, high: float | None, kind: str) -> str:
@@ -58,7 +61,10 @@ def check_number(name: str, value: Any, *, low: float | None = None, high: float
     ``positive`` demands ``value > 0``; ``finite`` (default) refuses ±inf."""
     if value is None and allow_none:
         return
-    ok = is_number(value) and not (finite and math.isinf(float(value)))
+    try:
+        ok = is_number(value) and not (finite and math.isinf(float(value)))
+    except OverflowError:
+        ok = not finite
     if ok and positive and not value > 0:
         ok = False
     if ok and ((low is not None and value < low) or (high is not None and value > high)):
