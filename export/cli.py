@@ -75,7 +75,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         if summary["quality_gate"]:
             g = summary["quality_gate"]
             print(f"quality gate vs fp32: ε rel-RMS {g['eps_rel_rms']:.3g}, sample mean |Δ| "
-                  f"{g['sample_mean_abs']:.3g}, PSNR {g['sample_psnr_db']:.1f} dB — passed")
+                  f"{g['sample_mean_abs']:.3g}, PSNR {float(g['sample_psnr_db']):.1f} dB — passed")
         if summary["speed"]:
             print(f"speed: {summary['speed']}")
     return 0

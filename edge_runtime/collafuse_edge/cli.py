@@ -164,7 +164,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         gate = desc["quality_gate"]
         print(f"quality gate   vs fp32: ε rel-RMS {gate.get('eps_rel_rms', float('nan')):.3g}, sample mean |Δ| "
               f"{gate.get('sample_mean_abs', float('nan')):.3g} (max {gate.get('sample_max_abs', float('nan')):.3g}), "
-              f"PSNR {gate.get('sample_psnr_db', float('nan')):.1f} dB  ({'passed' if gate.get('passed') else 'FAILED'})")
+              f"PSNR {float(gate.get('sample_psnr_db') or 'nan'):.1f} dB  ({'passed' if gate.get('passed') else 'FAILED'})")
     if desc.get("speed"):
         sp = desc["speed"]
         print(f"speed          {sp.get('summary', '')}")
