@@ -164,14 +164,17 @@ def cmd_client_train(args: argparse.Namespace) -> int:
         train=TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device,
                           log_every=10, checkpoint_every=min(args.checkpoint_every, args.steps)),
         upload_every=args.upload_every, upload_batch=args.upload_batch,
+        retry_for_s=args.retry_for, ca_file=args.ca_file,
     )
     tr = ClientTrainer(cc)
     try:
         res = tr.run(progress=True)
     finally:
         tr.close()
+    sent = "x_h at level %d and each row's class label (the server is label-conditioned)" % tr.level \
+        if tr.share_labels else "x_h at level %d only (no labels)" % tr.level
     print(f"client trained to step {res['step']}; uploaded {res['uploaded']} disclosure batches "
-          f"({res['bytes_sent']} bytes, x_h only); run: {args.out}")
+          f"({res['bytes_sent']} bytes): {sent}; run: {args.out}")
     return 0
 
 
@@ -225,6 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     ct.add_argument("--checkpoint-every", type=int, default=200)
     ct.add_argument("--upload-every", type=int, default=1, help="upload a disclosure batch every N steps")
     ct.add_argument("--upload-batch", type=int, default=64, help="rows per uploaded batch")
+    ct.add_argument("--retry-for", type=float, default=600.0, metavar="S",
+                    help="keep retrying an unreachable or overloaded server this many seconds (default 600)")
+    ct.add_argument("--ca-file", default=None, metavar="PEM", help="CA bundle that signed the server's certificate")
     ct.set_defaults(func=cmd_client_train)
 
     from .metrics.cli import add_evaluate_parser

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from collafuse_edge.errors import ServerError
+from collafuse_edge.errors import ServerRequestError
 from collafuse_edge.protocol import H_BATCH_ID, H_LABELS, H_LEVEL, NPY_CONTENT_TYPE, encode_tensor
 
 from .checkpoint import (atomic_write_json, latest_checkpoint, load_rng, read_state, restore_model_state,
@@ -50,9 +50,19 @@ class ClientTrainConfig:
     upload_every: int = 1  # upload one disclosure batch every N local steps
     upload_batch: int = 64  # rows per uploaded batch
     timeout_s: float = 30.0
-    retries: int = 5
+    retry_for_s: float = 600.0  # keep retrying an unreachable/overloaded server this long (capped back-off)
+    ca_file: str | None = None  # PEM bundle to verify a server certificate from a private CA
 
     def __post_init__(self) -> None:
+        from urllib.parse import urlsplit
+
+        u = urlsplit(self.server)
+        if u.scheme not in ("http", "https") or not u.hostname:
+            raise ConfigError(f"--server must be a URL like https://host:8443, got {self.server!r}")
+        if self.ca_file is not None and not os.path.isfile(self.ca_file):
+            raise ConfigError(f"--ca-file {self.ca_file!r} is not a file; pass the PEM bundle of the server's CA")
+        if not (self.retry_for_s >= 0):
+            raise ConfigError(f"--retry-for must be seconds ≥ 0, got {self.retry_for_s!r}")
         if not (0 <= self.client_index < self.data.num_clients):
             raise ConfigError(f"client_index must be in [0, {self.data.num_clients - 1}], got {self.client_index}")
         if self.upload_every < 1 or self.upload_batch < 1:
@@ -61,32 +71,52 @@ class ClientTrainConfig:
             raise ConfigError("a bearer token is required: pass --token or set COLLAFUSE_TOKEN")
 
 
-def aiohttp_transport(base_url: str, token: str, timeout_s: float, retries: int) -> Transport:
-    """POST/GET with bearer auth; retries with backoff on connection errors, 5xx and 429."""
+def aiohttp_transport(base_url: str, token: str, timeout_s: float, retry_for_s: float,
+                      ca_file: str | None = None) -> Transport:
+    """POST/GET with bearer auth. Connection errors, 5xx and 429 are retried with capped exponential
+    back-off and full jitter (0.2 s doubling to 30 s) for up to ``retry_for_s`` seconds, so a site
+    rides out a server restart or a long outage; each wait is printed once it exceeds a few seconds."""
+    import random
+    import ssl
+
     import aiohttp
+
+    sslctx = ssl.create_default_context(cafile=ca_file) if ca_file else None
 
     async def call(method: str, path: str, headers: dict, body: bytes | None) -> tuple[int, dict]:
         hdrs = {"Authorization": f"Bearer {token}", **headers}
-        delay = 0.2
-        last: Exception | None = None
-        for attempt in range(retries + 1):
+        cap = 0.2
+        deadline = time.monotonic() + retry_for_s
+        attempts = 0
+        while True:
+            attempts += 1
             try:
                 async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as s:
-                    async with s.request(method, base_url.rstrip("/") + path, headers=hdrs, data=body) as r:
+                    async with s.request(method, base_url.rstrip("/") + path, headers=hdrs, data=body,
+                                         ssl=sslctx if sslctx is not None else True) as r:
                         try:
                             doc = await r.json(content_type=None)
                         except (ValueError, aiohttp.ContentTypeError):
                             doc = {}
                         if r.status == 429 or r.status >= 500:
-                            last = ServerError(f"{method} {path}: HTTP {r.status}", r.status)
+                            last: object = f"HTTP {r.status}"
                         else:
                             return r.status, doc
+            except aiohttp.ClientConnectorCertificateError as e:
+                raise ServerRequestError(f"{method} {path}: the server's certificate is not trusted ({e}); "
+                                         "pass --ca-file PEM with your CA's certificate") from None
             except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as e:
-                last = e
-            if attempt < retries:
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-        raise ServerError(f"{method} {path} failed after {retries + 1} attempts: {last}")
+                last = e or type(e).__name__
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ServerRequestError(f"{method} {path} failed after {attempts} attempts over "
+                                         f"{retry_for_s:.0f} s: {last}; raise --retry-for to wait longer")
+            delay = min(random.uniform(0, cap), left)
+            if cap >= 5:
+                print(f"client-train: {method} {path}: {last}; retrying in {delay:.1f} s "
+                      f"({left:.0f} s of --retry-for left)", flush=True)
+            await asyncio.sleep(delay)
+            cap = min(cap * 2, 30.0)
 
     return call
 
@@ -99,11 +129,12 @@ def _error_text(doc: dict) -> str:
 class ClientTrainer:
     def __init__(self, cc: ClientTrainConfig, transport: Transport | None = None):
         self.cc = cc
-        self.transport = transport or aiohttp_transport(cc.server, cc.token, cc.timeout_s, cc.retries)
+        self.transport = transport or aiohttp_transport(cc.server, cc.token, cc.timeout_s, cc.retry_for_s,
+                                                          cc.ca_file)
         self.loop = asyncio.new_event_loop()
         info_status, info = self._call("GET", "/v1/info", {}, None)
         if info_status != 200:
-            raise ServerError(f"GET /v1/info: HTTP {info_status} ({_error_text(info)})", info_status)
+            raise ServerRequestError(f"GET /v1/info: HTTP {info_status} ({_error_text(info)})", info_status)
         self.info = info
         from collafuse_edge.schedule import Schedule
 
@@ -112,12 +143,12 @@ class ClientTrainer:
         self.k = int(you["client_levels"])
         self.level = int(you["handoff_level"])
         self.share_labels = info.get("server_conditioning") == "label"
-        ds = load_dataset(cc.data.source, cc.data.image_size)
+        ds = self._adopt_contract(info)
         mine = partition(ds, cc.data)[cc.client_index]
         self.x = torch.from_numpy(mine.train_images)
         self.y = torch.from_numpy(mine.train_labels)
         self.device = resolve_device(cc.train.device)
-        mcfg = replace(cc.model, channels=ds.channels, num_classes=ds.num_classes)
+        mcfg = replace(self.cc.model, sample_size=self.cc.data.image_size, channels=ds.channels, num_classes=ds.num_classes)
         torch.manual_seed(cc.train.seed)
         self.ms = new_model_state("client", mcfg, cc.train, self.device)
         self.gen = torch.Generator().manual_seed(cc.train.seed)
@@ -142,6 +173,32 @@ class ClientTrainer:
                            "handoff_level": self.level, "client_levels": self.k, "server": cc.server,
                            "schedule": info["schedule"] | {"betas": "…"}})
 
+    def _adopt_contract(self, info: dict):
+        """Load the site's data in the server's image shape and check channels and classes, before any
+        training: a mismatch found at the first upload would waste the whole local run."""
+        cc = self.cc
+        try:
+            c, h, w = (int(v) for v in info["image_shape"])
+            classes = int(info["num_classes"])
+        except (KeyError, TypeError, ValueError):
+            raise ServerRequestError(f"GET /v1/info of {cc.server} has no valid image_shape/num_classes; is it a "
+                                     "collafuse server?") from None
+        if h != w:
+            raise ConfigError(f"the server's images are {h}×{w}; only square images are supported")
+        if cc.data.image_size != h:
+            print(f"client-train: the server works on {c}×{h}×{w} images; resizing the site's data to {h}×{w} "
+                  f"(--image-size {cc.data.image_size} ignored)", flush=True)
+            self.cc = cc = replace(cc, data=replace(cc.data, image_size=h))
+        ds = load_dataset(cc.data.source, h)
+        if ds.channels != c:
+            raise ConfigError(f"the site's data have {ds.channels} channel(s) but the server's model takes {c}; "
+                              f"convert the images ({'to grayscale' if c == 1 else 'to RGB'}) or join a server "
+                              "trained on your kind of images")
+        if ds.num_classes > classes:
+            raise ConfigError(f"the site's data have {ds.num_classes} classes but the server knows {classes}; "
+                              "relabel to the server's classes or use a server trained with as many")
+        return ds
+
     def _call(self, method, path, headers, body):
         return self.loop.run_until_complete(self.transport(method, path, headers, body))
 
@@ -157,7 +214,7 @@ class ClientTrainer:
             return True
         if status == 409 and doc.get("error", {}).get("code") == "duplicate_batch":
             return False
-        raise ServerError(f"upload of batch {batch_id} refused: HTTP {status} ({_error_text(doc)})", status)
+        raise ServerRequestError(f"upload of batch {batch_id} refused: HTTP {status} ({_error_text(doc)})", status)
 
     def train_step(self) -> dict:
         cc = self.cc
