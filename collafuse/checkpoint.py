@@ -305,10 +305,17 @@ class LoadedRun:
     clients: list[torch.nn.Module]
     step: int
     model_version: str = ""  # of the server weights loaded: run@step:sha256[:12]
+    site: dict | None = None  # a site's client-train run: {client_index, server, handoff_level, …}; no server model
 
     @property
     def num_classes(self) -> int:
         return self.data.num_classes
+
+
+def site_info(run_dir: str) -> dict | None:
+    """The ``site`` record of a client-train run's config (None for a run of ``collafuse train``)."""
+    site = _read_json(os.path.join(run_dir, "config.json"), "run config").get("site")
+    return site if isinstance(site, dict) else None
 
 
 SERVER_TRAINING_DIR = "server_training"  # the networked trainer's checkpoints inside a run
@@ -354,6 +361,15 @@ def load_run(run_dir: str, device: str | torch.device = "cpu", server_weights: s
     if ckpt is None:
         raise CheckpointError(f"run {run_dir!r} has no checkpoint yet (no LATEST file); train it first")
     meta = read_state(ckpt)
+    site = site_info(run_dir)
+    if site is not None:  # a client-train output: this site's client model only
+        ccfg, _ = model_configs(cfg, info)
+        m = build_unet(ccfg)
+        load_weights(m, os.path.join(ckpt, "client.safetensors"))
+        clients = [None] * cfg.data.num_clients
+        clients[int(site["client_index"])] = m.to(device).eval()
+        return LoadedRun(run_dir, cfg, info, cfg.schedule.build(), None, clients, int(meta["step"]),
+                         str(site.get("server_model_version", "")), site)
     sckpt = server_checkpoint(run_dir, server_weights)
     if sckpt != ckpt:
         read_state(sckpt)  # verifies the server checkpoint's hashes

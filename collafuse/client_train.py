@@ -167,11 +167,42 @@ class ClientTrainer:
             self.gen.set_state(load_rng(ck))
             self.step = int(meta["step"])
             self.uploaded = int(meta["extra"].get("uploaded", 0))
-        atomic_write_json(os.path.join(cc.out, "client.json"),
-                          {"model": mcfg.__dict__ | {"block_out_channels": list(mcfg.block_out_channels),
-                                                     "blocks": list(mcfg.blocks)},
-                           "handoff_level": self.level, "client_levels": self.k, "server": cc.server,
-                           "schedule": info["schedule"] | {"betas": "…"}})
+        self._write_site_config(info, ds)
+
+    def _write_site_config(self, info: dict, ds) -> None:
+        """``config.json``/``data.json``: the site's output is a run of its own (export, evaluate and
+        sample read it), recording the server's schedule, image shape and cut as taken from
+        ``/v1/info``. A resume whose flags change what was trained is refused."""
+        from .config import RunConfig, ScheduleConfig
+
+        cc = self.cc
+        sd = info["schedule"]
+        model = replace(cc.model, sample_size=cc.data.image_size)
+        cfg = RunConfig(data=cc.data,
+                        schedule=ScheduleConfig(int(sd["num_train_timesteps"]), str(sd["beta_schedule"]),
+                                                bool(sd.get("clip_sample", True))),
+                        cut_ratios=(float(info["you"]["cut_ratio"]),) * cc.data.num_clients,
+                        client_model=model, server_model=model,  # the server's model stays on the server
+                        class_conditional=True, server_conditioning=str(info.get("server_conditioning", "label")),
+                        train=cc.train)
+        doc = cfg.to_dict() | {"site": {"client_index": cc.client_index, "server": cc.server,
+                                        "server_model_version": info.get("model_version", ""),
+                                        "handoff_level": self.level, "client_levels": self.k}}
+        path = os.path.join(cc.out, "config.json")
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                old = json.load(f)
+            for key in ("data", "client_model", "cut_ratios", "schedule"):
+                if old.get(key) != json.loads(json.dumps(doc[key])):
+                    raise ConfigError(f"{cc.out!r} holds a site run trained with different {key} ({old.get(key)}); "
+                                      f"resume it with the flags it used, or choose a new --out")
+            if old.get("site", {}).get("client_index") != cc.client_index:
+                raise ConfigError(f"{cc.out!r} is the run of client index {old['site'].get('client_index')}; "
+                                  "resume it with that --client-index, or choose a new --out")
+        atomic_write_json(path, doc)
+        atomic_write_json(os.path.join(cc.out, "data.json"),
+                          {"name": cc.data.source, "num_classes": ds.num_classes, "channels": ds.channels,
+                           "image_size": cc.data.image_size})
 
     def _adopt_contract(self, info: dict):
         """Load the site's data in the server's image shape and check channels and classes, before any

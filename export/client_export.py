@@ -19,6 +19,9 @@ def export_client(run_dir: str, client: int, out_dir: str, config=None, *, overw
     n = len(run.clients)
     if isinstance(client, bool) or not isinstance(client, int) or not (0 <= client < n):
         raise ExportError(f"client must be an index in [0, {n - 1}] for run {run_dir!r}, got {client!r}")
+    if run.clients[client] is None:
+        raise ExportError(f"{run_dir!r} is the client-train run of client {run.site['client_index']} and holds "
+                          f"only that model; pass --client {run.site['client_index']}")
     images = labels = None
     if config.precision != "fp32":
         from collafuse.data import load_dataset, partition
@@ -27,6 +30,8 @@ def export_client(run_dir: str, client: int, out_dir: str, config=None, *, overw
         part = partition(ds, run.config.data)[client]
         images, labels = part.train_images, part.train_labels
     source = {"run": os.path.abspath(run_dir), "client": client, "step": run.step}
+    if run.site is not None:
+        source["site_of"] = {"server": run.site.get("server"), "server_model_version": run.model_version}
     return export_bundle(run.clients[client], run.schedule, run.config.cut_ratios[client], out_dir,
                          config=config, calibration_images=images, calibration_labels=labels,
                          source=source, overwrite=overwrite)
