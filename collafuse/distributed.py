@@ -61,7 +61,8 @@ def train_ddp(run_dir: str, steps: int, batch_rows: int, seed: int = 0, timeout_
     rank, world, dev = _setup(timeout_s)
     clean = False
     try:
-        tr = ServerTrainer(run_dir, ServerTrainingConfig(batch_rows=batch_rows, device=str(dev), seed=seed))
+        tr = ServerTrainer(run_dir, ServerTrainingConfig(batch_rows=batch_rows, device=str(dev), seed=seed),
+                           owner=rank == 0)  # rank 0 writes the checkpoints and holds the run's lock
         pool = tr.spool.all_pending()
         if not pool:
             raise SystemExit(f"no queued disclosures in {tr.spool.pending_dir}; nothing to train on")

@@ -46,11 +46,14 @@ class ServerTrainingConfig:
 
 class ServerTrainer:
     def __init__(self, run_dir: str, tc: ServerTrainingConfig = ServerTrainingConfig(),
-                 on_weights: WeightsCallback | None = None):
+                 on_weights: WeightsCallback | None = None, *, owner: bool = True):
         self.run_dir = run_dir
         # One trainer per run: a second one (another port, a restart while the old process still
-        # runs) would checkpoint over this one's and forget batches it acknowledged.
-        self.lock = RunLock(run_dir, "collafuse serve --train").acquire()
+        # runs) would checkpoint over this one's and forget batches it acknowledged. ``owner=False``:
+        # a DDP rank other than 0, which reads the run but never writes it.
+        self.lock = RunLock(run_dir, "collafuse serve --train")
+        if owner:
+            self.lock.acquire()
         try:
             self._open(tc, on_weights)
         except BaseException:
