@@ -256,8 +256,7 @@ def evaluate_client(run: LoadedRun, client: int, truth: ClientData, ec: EvalConf
         if ec.attack:
             c_steps = sc.client_steps if ec.sampler == "ddim" else None
             if d.eps is not None:  # shared-noise: the server inverts x_t exactly
-                ab = torch.from_numpy(sched.alpha_bar(d.t.numpy())).float().view(-1, 1, 1, 1)
-                exact = (d.x - (1 - ab).sqrt() * d.eps) / ab.sqrt()
+                exact = predict_x0(sched, d.x, d.eps, d.t, clip=False)
                 chain_t, tw_t = exact, exact
             else:
                 chain_t, tw_t = server_reconstruction(run, d.x.to(dev), d.level, y0 if share else None, c_steps,

@@ -1,8 +1,8 @@
 """The client's half of the reverse chain in numpy: DDPM or DDIM from the handoff level to 0.
 
 This is the numpy twin of ``collafuse.sampling.run_levels``: the same timetable, the same step
-formulas (:mod:`collafuse_edge.schedule`, with the per-level coefficients computed once per
-loop — :func:`plan_steps`, checked bit for bit against the step functions) and the same keyed
+formulas (:func:`collafuse_edge.schedule.step_coefficients`, computed once per loop —
+:func:`plan_steps`, checked bit for bit against the step functions) and the same keyed
 noise (``step_noise(seed, level, shape)``), so for the same handoff sample, labels and seed the
 edge and the torch sampler produce the same images.
 
@@ -20,7 +20,7 @@ import numpy as np
 
 from .errors import InputError
 from .noise import StepNoiseAhead
-from .schedule import SAMPLERS, Schedule, Timetable, client_timetable, needs_noise
+from .schedule import SAMPLERS, Schedule, Timetable, client_timetable, needs_noise, step_coefficients
 
 # ε̂ = denoise(sample [B,C,H,W] f32, timestep [B] i64, class_labels [B] i64 | None) → [B,C,H,W] f32
 DenoiseFn = Callable[[np.ndarray, np.ndarray, Optional[np.ndarray]], np.ndarray]
@@ -53,11 +53,11 @@ class SamplerConfig:
 class PlannedStep:
     """The float64 coefficients of one reverse step ``t → prev`` (every row at the same level).
 
-    x̂0 = clip((x − x0_eps·ε̂)·x0_x);  DDPM: out = c_x0·x̂0 + c_other·x;  DDIM: out = c_x0·x̂0 + c_other·ε̂;
-    then out += sigma·noise when ``adds_noise``. These are :func:`schedule.ddpm_step` /
-    :func:`schedule.ddim_step` with the per-level table look-ups hoisted out of the loop (those
-    cost ~0.1 ms a step on a small CPU, a tenth of a denoiser call); the tests check the two
-    agree bit for bit at every level, so the formulas cannot drift apart.
+    One level of :func:`schedule.step_coefficients` (see :class:`schedule.StepCoefficients` for
+    how they combine), the function :func:`schedule.ddpm_step` / :func:`schedule.ddim_step` use
+    too: the per-level table look-ups are hoisted out of the loop (they cost ~0.1 ms a step on a
+    small CPU, a tenth of a denoiser call); the tests check the two agree bit for bit at every
+    level.
     """
 
     sampler: str  # "ddpm" | "ddim"
@@ -81,27 +81,12 @@ def plan_steps(schedule: Schedule, timetable: Timetable, sampler: str = "ddpm", 
     pairs = timetable.pairs()
     if not pairs:
         return []
-    lv = np.array([t for t, _ in pairs], dtype=np.int64)
-    pv = np.array([p for _, p in pairs], dtype=np.int64)
-    ab_t, ab_p = schedule.alpha_bar(lv), schedule.alpha_bar(pv)  # float64, one look-up per loop
-    x0_x, x0_eps = 1 / np.sqrt(ab_t), np.sqrt(1 - ab_t)
-    if sampler == "ddpm":
-        alpha_t = ab_t / ab_p
-        beta_t = 1 - alpha_t
-        c_x0 = np.sqrt(ab_p) * beta_t / (1 - ab_t)
-        c_other = np.sqrt(alpha_t) * (1 - ab_p) / (1 - ab_t)
-        sigma = np.where(lv > 0, np.sqrt(np.maximum((1 - ab_p) / (1 - ab_t) * beta_t, 1e-20)), 0.0)
-        adds = lv > 0
-    else:
-        var = (1 - ab_p) / (1 - ab_t) * (1 - ab_t / ab_p)
-        sigma = eta * np.sqrt(var)
-        c_x0 = np.sqrt(ab_p)
-        c_other = np.sqrt(np.maximum(1 - ab_p - sigma**2, 0.0))
-        adds = (sigma > 0) & (eta > 0)
+    c = step_coefficients(schedule, [t for t, _ in pairs], [p for _, p in pairs], sampler, eta)
     return [
-        PlannedStep(sampler, int(lv[i]), int(pv[i]), float(x0_x[i]), float(x0_eps[i]), float(c_x0[i]), float(c_other[i]),
-                    float(sigma[i]), bool(adds[i]), needs_noise(sampler, int(lv[i]), eta))
-        for i in range(lv.size)
+        PlannedStep(sampler, int(c.t[i]), int(c.prev[i]), float(c.x0_x[i]), float(c.x0_eps[i]), float(c.c_x0[i]),
+                    float(c.c_other[i]), float(c.sigma[i]), bool(c.adds_noise[i]),
+                    needs_noise(sampler, int(c.t[i]), eta))
+        for i in range(c.t.size)
     ]
 
 

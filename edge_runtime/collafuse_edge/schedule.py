@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal, Sequence
+from typing import Any, Literal, NamedTuple, Sequence
 
 import numpy as np
 
@@ -299,45 +299,116 @@ def client_timetable(k: int, steps: int | None = None) -> Timetable:
 # reverse steps
 
 
-def predict_x0(schedule: Schedule, x: Any, eps: Any, t: Any) -> Any:
-    """x̂0 = (x_t - sqrt(1-ᾱ_t)·ε̂) / sqrt(ᾱ_t), clipped when the schedule says so."""
-    lv = _as_levels(t, x.shape[0], "t")
-    ab = schedule.alpha_bar(lv)
-    x0 = (x - _coef(np.sqrt(1 - ab), x) * eps) * _coef(1 / np.sqrt(ab), x)
-    if schedule.clip_sample:
+@dataclass(frozen=True)
+class StepCoefficients:
+    """The float64 coefficients of reverse steps ``t → prev`` (one entry per row or per level),
+    computed by :func:`step_coefficients`, the one place the DDPM/DDIM step maths lives:
+
+    * x̂0 = clip((x − x0_eps·ε̂)·x0_x)   (``pred_original_sample`` in diffusers);
+    * DDPM: out = c_x0·x̂0 + c_other·x;  DDIM: out = c_x0·x̂0 + c_other·ε̂;
+    * then out += sigma·noise where ``adds_noise``.
+
+    The step functions apply them to a batch; the edge sampler hoists them out of its loop.
+    """
+
+    sampler: str  # "ddpm" | "ddim"
+    t: np.ndarray  # int64 levels
+    prev: np.ndarray  # int64 levels the steps land on (-1 = the clean image)
+    x0_x: np.ndarray  # 1/sqrt(ᾱ_t)
+    x0_eps: np.ndarray  # sqrt(1-ᾱ_t)
+    c_x0: np.ndarray
+    c_other: np.ndarray  # multiplies x (DDPM) or ε̂ (DDIM)
+    sigma: np.ndarray
+    adds_noise: np.ndarray  # bool: the step adds sigma·noise
+
+
+def step_coefficients(
+    schedule: Schedule, t: Any, prev_t: Any, sampler: str = "ddpm", eta: float = 0.0
+) -> StepCoefficients:
+    """The coefficients of the reverse steps from levels ``t`` to ``prev_t`` (int or int arrays of
+    one shape; every ``prev_t`` below its ``t``) for ``sampler`` with DDIM stochasticity ``eta``.
+
+    DDPM is the ancestral step with ``fixed_small`` variance (``diffusers.DDPMScheduler.step``);
+    DDIM is ``diffusers.DDIMScheduler.step`` with ``set_alpha_to_one=True`` and
+    ``use_clipped_model_output=False``.
+    """
+    if sampler not in SAMPLERS:
+        raise ScheduleError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    if eta < 0:
+        raise ScheduleError(f"eta must be ≥ 0, got {eta}")
+    lv = np.asarray(t, dtype=np.int64)
+    pv = np.asarray(prev_t, dtype=np.int64)
+    if np.any(pv >= lv):
+        raise ScheduleError("prev_t must be below t on every row")
+    ab_t = schedule.alpha_bar(lv)
+    ab_p = schedule.alpha_bar(pv)
+    x0_x, x0_eps = 1 / np.sqrt(ab_t), np.sqrt(1 - ab_t)
+    if sampler == "ddpm":
+        alpha_t = ab_t / ab_p
+        beta_t = 1 - alpha_t
+        c_x0 = np.sqrt(ab_p) * beta_t / (1 - ab_t)
+        c_other = np.sqrt(alpha_t) * (1 - ab_p) / (1 - ab_t)
+        sigma = np.where(lv > 0, np.sqrt(np.maximum((1 - ab_p) / (1 - ab_t) * beta_t, 1e-20)), 0.0)
+        adds = sigma > 0
+    else:
+        var = (1 - ab_p) / (1 - ab_t) * (1 - ab_t / ab_p)
+        sigma = eta * np.sqrt(var)
+        c_x0 = np.sqrt(ab_p)
+        c_other = np.sqrt(np.maximum(1 - ab_p - sigma**2, 0.0))
+        adds = (sigma > 0) & (eta > 0)
+    return StepCoefficients(sampler, lv, pv, x0_x, x0_eps, c_x0, c_other, sigma, np.asarray(adds))
+
+
+class StepResult(NamedTuple):
+    """A step's output with ``return_x0=True``: the sample at ``prev_t`` and the predicted clean
+    sample x̂0 it was built from (diffusers' ``prev_sample`` / ``pred_original_sample``)."""
+
+    prev_sample: Any
+    pred_x0: Any
+
+
+def _x0(schedule: Schedule, x0_x: np.ndarray, x0_eps: np.ndarray, x: Any, eps: Any,
+        clip: bool | None = None) -> Any:
+    x0 = (x - _coef(x0_eps, x) * eps) * _coef(x0_x, x)
+    if schedule.clip_sample if clip is None else clip:
         r = schedule.clip_sample_range
         x0 = x0.clip(-r, r)
     return x0
 
 
+def _apply(schedule: Schedule, c: StepCoefficients, x: Any, eps: Any, noise: Any | None,
+           no_noise: str, return_x0: bool) -> Any:
+    """``c`` (per-row) on a batch ``x``, ``eps``, ``noise`` ``[B, ...]``, numpy or torch."""
+    x0 = _x0(schedule, c.x0_x, c.x0_eps, x, eps)
+    out = _coef(c.c_x0, x) * x0 + _coef(c.c_other, x) * (x if c.sampler == "ddpm" else eps)
+    if np.any(c.adds_noise):
+        if noise is None:
+            raise ScheduleError(no_noise)
+        out = out + _coef(c.sigma, x) * noise
+    return StepResult(out, x0) if return_x0 else out
+
+
+def predict_x0(schedule: Schedule, x: Any, eps: Any, t: Any, *, clip: bool | None = None) -> Any:
+    """x̂0 = (x_t - sqrt(1-ᾱ_t)·ε̂) / sqrt(ᾱ_t), clipped when the schedule says so (``clip``:
+    override that; ``clip=False`` is the exact inversion of :meth:`Schedule.add_noise`)."""
+    lv = _as_levels(t, x.shape[0], "t")
+    ab = schedule.alpha_bar(lv)
+    return _x0(schedule, 1 / np.sqrt(ab), np.sqrt(1 - ab), x, eps, clip)
+
+
 def ddpm_step(
-    schedule: Schedule, x: Any, eps: Any, t: Any, prev_t: Any, noise: Any | None
+    schedule: Schedule, x: Any, eps: Any, t: Any, prev_t: Any, noise: Any | None, *, return_x0: bool = False
 ) -> Any:
     """One ancestral DDPM step from level ``t`` to ``prev_t`` (``fixed_small`` variance).
 
     ``x``, ``eps``, ``noise``: ``[B, C, H, W]``; ``t``, ``prev_t``: int or ``[B]``. Rows with
     ``t == 0`` add no noise (``noise`` may be None only if every row has t == 0).
-    Matches ``diffusers.DDPMScheduler.step`` for the same noise.
+    Matches ``diffusers.DDPMScheduler.step`` for the same noise. With ``return_x0`` the result
+    is a :class:`StepResult` (the sample and x̂0).
     """
     B = x.shape[0]
-    lv = _as_levels(t, B, "t")
-    pv = _as_levels(prev_t, B, "prev_t")
-    if np.any(pv >= lv):
-        raise ScheduleError("prev_t must be below t on every row")
-    ab_t = schedule.alpha_bar(lv)
-    ab_p = schedule.alpha_bar(pv)
-    alpha_t = ab_t / ab_p
-    beta_t = 1 - alpha_t
-    x0 = predict_x0(schedule, x, eps, lv)
-    c_x0 = np.sqrt(ab_p) * beta_t / (1 - ab_t)
-    c_x = np.sqrt(alpha_t) * (1 - ab_p) / (1 - ab_t)
-    out = _coef(c_x0, x) * x0 + _coef(c_x, x) * x
-    sigma = np.where(lv > 0, np.sqrt(np.maximum((1 - ab_p) / (1 - ab_t) * beta_t, 1e-20)), 0.0)
-    if np.any(sigma > 0):
-        if noise is None:
-            raise ScheduleError("ddpm_step needs noise for rows with t > 0")
-        out = out + _coef(sigma, x) * noise
-    return out
+    c = step_coefficients(schedule, _as_levels(t, B, "t"), _as_levels(prev_t, B, "prev_t"), "ddpm")
+    return _apply(schedule, c, x, eps, noise, "ddpm_step needs noise for rows with t > 0", return_x0)
 
 
 def ddim_step(
@@ -348,29 +419,16 @@ def ddim_step(
     prev_t: Any,
     noise: Any | None = None,
     eta: float = 0.0,
+    *,
+    return_x0: bool = False,
 ) -> Any:
     """One DDIM step from ``t`` to any lower ``prev_t`` (-1 = clean). Matches
     ``diffusers.DDIMScheduler.step`` (``set_alpha_to_one=True``, ``use_clipped_model_output=False``).
+    With ``return_x0`` the result is a :class:`StepResult` (the sample and x̂0).
     """
     B = x.shape[0]
-    lv = _as_levels(t, B, "t")
-    pv = _as_levels(prev_t, B, "prev_t")
-    if np.any(pv >= lv):
-        raise ScheduleError("prev_t must be below t on every row")
-    if eta < 0:
-        raise ScheduleError(f"eta must be ≥ 0, got {eta}")
-    ab_t = schedule.alpha_bar(lv)
-    ab_p = schedule.alpha_bar(pv)
-    x0 = predict_x0(schedule, x, eps, lv)
-    var = (1 - ab_p) / (1 - ab_t) * (1 - ab_t / ab_p)
-    sigma = eta * np.sqrt(var)
-    dir_coef = np.sqrt(np.maximum(1 - ab_p - sigma**2, 0.0))
-    out = _coef(np.sqrt(ab_p), x) * x0 + _coef(dir_coef, x) * eps
-    if eta > 0 and np.any(sigma > 0):
-        if noise is None:
-            raise ScheduleError("ddim_step with eta > 0 needs noise")
-        out = out + _coef(sigma, x) * noise
-    return out
+    c = step_coefficients(schedule, _as_levels(t, B, "t"), _as_levels(prev_t, B, "prev_t"), "ddim", eta)
+    return _apply(schedule, c, x, eps, noise, "ddim_step with eta > 0 needs noise", return_x0)
 
 
 def step(
@@ -382,12 +440,14 @@ def step(
     prev_t: Any,
     noise: Any | None,
     eta: float = 0.0,
+    *,
+    return_x0: bool = False,
 ) -> Any:
     """Dispatch to :func:`ddpm_step` or :func:`ddim_step` by name."""
     if sampler == "ddpm":
-        return ddpm_step(schedule, x, eps, t, prev_t, noise)
+        return ddpm_step(schedule, x, eps, t, prev_t, noise, return_x0=return_x0)
     if sampler == "ddim":
-        return ddim_step(schedule, x, eps, t, prev_t, noise, eta)
+        return ddim_step(schedule, x, eps, t, prev_t, noise, eta, return_x0=return_x0)
     raise ScheduleError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
 
 

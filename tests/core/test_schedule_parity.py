@@ -4,7 +4,9 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
-from collafuse_edge.schedule import Schedule, ddim_step, ddpm_step, predict_x0
+from collafuse_edge.errors import ScheduleError
+from collafuse_edge.schedule import (Schedule, StepResult, ddim_step, ddpm_step, predict_x0, step,
+                                     step_coefficients)
 
 CASES = [(1000, "linear"), (1000, "cosine"), (200, "linear"), (50, "cosine")]
 
@@ -106,3 +108,59 @@ def test_predict_x0_clips():
     s = Schedule.create(100, "linear")
     x = np.full((1, 1, 2, 2), 50.0, np.float32)
     assert predict_x0(s, x, np.zeros_like(x), 10).max() == 1.0
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_step_returns_x0_like_diffusers_pred_original_sample(sampler):
+    """``return_x0=True`` gives the sample and x̂0 (diffusers' prev_sample / pred_original_sample);
+    the plain call returns the same sample, on numpy arrays and torch tensors alike."""
+    T = 200
+    s = Schedule.create(T, "linear")
+    d = (DDPMScheduler if sampler == "ddpm" else DDIMScheduler)(num_train_timesteps=T)
+    _float64(d, s)
+    d.set_timesteps(T)
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((3, 1, 4, 4))
+    t = 120
+    eps = _fake_eps(x, t)
+    gen = torch.Generator().manual_seed(3)  # diffusers' DDPM draws its noise from it; ours is the same draw
+    twin = torch.Generator().set_state(gen.get_state())
+    noise = torch.randn(x.shape, generator=twin, dtype=torch.float64).numpy() if sampler == "ddpm" else None
+    fn = ddpm_step if sampler == "ddpm" else ddim_step
+    out = fn(s, x, eps, t, t - 1, noise, return_x0=True)
+    assert isinstance(out, StepResult)
+    assert np.array_equal(out.prev_sample, fn(s, x, eps, t, t - 1, noise))
+    assert np.array_equal(out.pred_x0, predict_x0(s, x, eps, t))
+    kw = {} if sampler == "ddim" else {"generator": gen}
+    ref = d.step(torch.from_numpy(eps), t, torch.from_numpy(x), **kw)
+    assert np.max(np.abs(out.pred_x0 - ref.pred_original_sample.numpy())) < 1e-9
+    assert np.max(np.abs(out.prev_sample - ref.prev_sample.numpy())) < 1e-9
+    got = step(sampler, s, torch.from_numpy(x), torch.from_numpy(eps), t, t - 1,
+               None if noise is None else torch.from_numpy(noise), return_x0=True)
+    assert isinstance(got.prev_sample, torch.Tensor) and isinstance(got.pred_x0, torch.Tensor)
+    assert np.array_equal(got.prev_sample.numpy(), out.prev_sample)
+    assert np.array_equal(got.pred_x0.numpy(), out.pred_x0)
+
+
+def test_step_coefficients_are_per_row_and_validated():
+    s = Schedule.create(100, "linear")
+    c = step_coefficients(s, [50, 10, 0], [49, 5, -1], "ddpm")
+    assert c.t.tolist() == [50, 10, 0] and c.prev.tolist() == [49, 5, -1]
+    assert c.adds_noise.tolist() == [True, True, False] and c.sigma[2] == 0.0
+    assert not step_coefficients(s, [50], [40], "ddim").adds_noise.any()
+    assert step_coefficients(s, [50], [40], "ddim", eta=1.0).adds_noise.all()
+    for args, match in (((5, 5, "ddpm"), "below"), ((5, 4, "euler"), "unknown sampler"),
+                        ((5, 4, "ddim", -1.0), "eta")):
+        with pytest.raises(ScheduleError, match=match):
+            step_coefficients(s, *args)
+
+
+def test_predict_x0_without_clipping_inverts_add_noise():
+    s = Schedule.create(100, "linear")
+    rng = np.random.default_rng(5)
+    x0 = rng.uniform(-1, 1, (4, 1, 2, 2))
+    n = rng.standard_normal(x0.shape)
+    t = np.array([0, 30, 60, 99])
+    assert np.allclose(predict_x0(s, s.add_noise(x0, n, t), n, t, clip=False), x0, atol=1e-9)
+    far = np.full((1, 1, 2, 2), 50.0)
+    assert predict_x0(s, far, np.zeros_like(far), 10, clip=False).max() > 1.0
