@@ -14,6 +14,7 @@ import pytest
 from edge_paths import COND
 
 from collafuse_edge import load_bundle
+from collafuse_edge import providers as providers_mod
 from collafuse_edge import session as session_mod
 from collafuse_edge.errors import BundleError, InputError
 from collafuse_edge.session import OnnxDenoiser, SessionConfig
@@ -65,7 +66,7 @@ def gpu_build(monkeypatch):
     def install(**kw):
         mod, calls = fake_gpu_ort(**kw)
         monkeypatch.setattr(session_mod, "import_onnxruntime", lambda: mod)
-        monkeypatch.setattr(session_mod, "_preloaded", {})
+        monkeypatch.setattr(providers_mod, "_preloaded", {})
         return calls
     return install
 
@@ -129,7 +130,7 @@ def test_preload_runs_once_and_only_for_gpu_providers(gpu_build, monkeypatch):
     assert n == []
     OnnxDenoiser(load_bundle(COND), SessionConfig(providers=("cuda",)))
     OnnxDenoiser(load_bundle(COND), SessionConfig(providers=("cuda",)))
-    assert session_mod._preloaded["done"].startswith("Failed to load libcudnn")
+    assert providers_mod._preloaded["done"].startswith("Failed to load libcudnn")
 
 
 def test_cuda_tf32_must_be_a_bool():
