@@ -1,7 +1,7 @@
 """Exported client bundles: ``manifest.json`` plus one single-file ONNX model (docs/architecture.md#contracts).
 
 A bundle is what ``collafuse export`` writes and what ``collafuse-edge`` runs. This module reads,
-validates and writes manifests with json and hashlib only (no torch, no onnx, no onnxruntime),
+validates and writes manifests with json and sha256 only (no torch, no onnx, no onnxruntime),
 so a device can check a bundle before it loads anything heavy.
 
 Layout::
@@ -17,7 +17,6 @@ Example::
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -27,7 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from .errors import BundleError, ScheduleError
+from .files import atomic_write_text, sha256_file  # sha256_file: also importable from here, as before
 from .schedule import Schedule, client_level_count
+from .validation import is_int
 
 FORMAT_NAME = "collafuse-edge-bundle"
 FORMAT_VERSION = 1
@@ -163,14 +164,6 @@ class Bundle:
 # hashing
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 2**20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def file_entry(bundle_dir: str | os.PathLike, name: str) -> FileEntry:
     """The manifest entry (sha256, size) of ``bundle_dir/name``."""
     p = Path(bundle_dir) / name
@@ -216,7 +209,7 @@ def _tensor_specs(raw: Any, expected: dict[str, str], kind: str, image_shape: tu
         if not shape or shape[0] != BATCH_DIM:
             raise _fail(where, f"{kind[:-1]} {name!r} must have the dynamic batch axis {BATCH_DIM!r} "
                                f"first, got shape {shape}")
-        if any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in shape[1:]):
+        if any(not is_int(d) or d < 1 for d in shape[1:]):
             raise _fail(where, f"{kind[:-1]} {name!r} has an invalid shape {shape}")
         specs.append(TensorSpec(name, dtype, tuple(shape)))
     names = [s.name for s in specs]
@@ -248,7 +241,7 @@ def parse_manifest(doc: Any, where: Path) -> dict:
         raise _fail(where, f"{MANIFEST_NAME} has format {fmt!r}, expected {FORMAT_NAME!r}; "
                            f"this is not a collafuse bundle")
     version = doc.get("format_version")
-    if isinstance(version, bool) or not isinstance(version, int):
+    if not is_int(version):
         raise _fail(where, f"format_version must be an integer, got {version!r}")
     if version != FORMAT_VERSION:
         newer = version > FORMAT_VERSION
@@ -261,7 +254,7 @@ def parse_manifest(doc: Any, where: Path) -> dict:
 
     # image shape and classes
     image_shape = _get(doc, "image_shape", list, where)
-    if len(image_shape) != 3 or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in image_shape):
+    if len(image_shape) != 3 or any(not is_int(d) or d < 1 for d in image_shape):
         raise _fail(where, f"image_shape must be [C, H, W] of positive integers, got {image_shape}")
     image_shape = tuple(image_shape)
     num_classes = _get(doc, "num_classes", (int, type(None)), where)
@@ -430,5 +423,5 @@ def write_manifest(bundle_dir: str | os.PathLike, doc: dict) -> Path:
     fields = parse_manifest(json.loads(json.dumps(doc)), where)  # the reader's own checks
     verify_files(where, fields["files"], hashes=True)
     out = where / MANIFEST_NAME
-    out.write_text(json.dumps(doc, indent=1, sort_keys=False) + "\n", encoding="utf-8")
+    atomic_write_text(out, json.dumps(doc, indent=1, sort_keys=False) + "\n")
     return out

@@ -39,6 +39,7 @@ import numpy as np
 from .errors import InputError, ProtocolError, ServerError
 from .protocol import H_LEVEL, H_MODEL_VERSION, H_SEED, NPY_CONTENT_TYPE, decode_tensor
 from .schedule import Schedule
+from .validation import check_int, is_int, is_number
 
 ENV_TOKEN = "COLLAFUSE_TOKEN"
 API_VERSION = 1
@@ -67,10 +68,9 @@ class ClientConfig:
         object.__setattr__(self, "url", self.url.rstrip("/"))
         for name in ("connect_timeout_s", "read_timeout_s", "backoff_s", "max_backoff_s", "max_retry_after_s"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v > 0):
+            if not is_number(v) or not (v > 0):
                 raise InputError(f"{name} must be a positive number of seconds, got {v!r}")
-        if isinstance(self.retries, bool) or not isinstance(self.retries, int) or self.retries < 0:
-            raise InputError(f"retries must be an integer ≥ 0, got {self.retries!r}")
+        check_int("retries", self.retries, low=0)
         if self.ca_file is not None and not os.path.isfile(self.ca_file):
             raise InputError(f"ca_file {self.ca_file!r} is not a file")
 
@@ -274,7 +274,7 @@ class ServerClient:
         from .runtime import Handoff
 
         info = await self.info()
-        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not (1 <= n <= info.max_n):
+        if not is_int(n) or not (1 <= n <= info.max_n):
             raise InputError(f"n must be an integer in [1, {info.max_n}] (this token's max_n), got {n!r}")
         body: dict[str, Any] = {"n": int(n)}
         lab = None if labels is None else np.asarray(labels, dtype=np.int64).reshape(-1)
@@ -284,7 +284,7 @@ class ServerClient:
                                  f"[0, {info.num_classes - 1}]")
             body["labels"] = [int(v) for v in lab]
         if seed is not None:
-            if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not (0 <= seed <= MAX_SEED):
+            if not is_int(seed) or not (0 <= seed <= MAX_SEED):
                 raise InputError(f"seed must be an integer in [0, 2**63 - 1], got {seed!r}")
             body["seed"] = int(seed)
         if sampler != "ddpm":
@@ -364,8 +364,7 @@ async def generate_over_http(
 
     sampler = sampler or SamplerConfig()
     _check_n(n)
-    if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
-        raise InputError(f"concurrency must be a positive integer, got {concurrency!r}")
+    check_int("concurrency", concurrency, low=1)
     info = await server.check_bundle(runtime.bundle)
     lab = runtime.labels_for(n, labels)
     chunks = [(a, min(n, a + info.max_n)) for a in range(0, n, info.max_n)]

@@ -28,6 +28,7 @@ import math
 import numpy as np
 
 from .errors import ScheduleError
+from .validation import is_int
 
 NOISE_FORMAT = 2  # bumped whenever the numbers a (seed, level) gives change
 PURPOSE_INITIAL = 0  # x_{T-1} ~ N(0, I)
@@ -40,13 +41,13 @@ _TWO_PI = 2.0 * math.pi
 
 
 def _check_seed(seed: int) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not (0 <= seed < 2**63):
+    if not is_int(seed) or not (0 <= seed < 2**63):
         raise ScheduleError(f"seed must be an integer in [0, 2**63), got {seed!r}")
     return int(seed)
 
 
 def _check_level(level: int) -> int:
-    if isinstance(level, bool) or not isinstance(level, (int, np.integer)) or not (0 <= level < 2**32):
+    if not is_int(level) or not (0 <= level < 2**32):
         raise ScheduleError(f"noise level must be an integer in [0, 2**32), got {level!r}")
     return int(level)
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import ProtocolError
+from .validation import is_int
 
 NPY_CONTENT_TYPE = "application/x-npy"
 API_PREFIX = "/v1"
@@ -93,7 +94,7 @@ def decode_tensor(
         raise ProtocolError(f"tensor dtype must be {dtype}, got {dt.name}")
     if fortran:
         raise ProtocolError("tensor must be C-ordered (fortran_order=False)")
-    if any(isinstance(s, bool) or not isinstance(s, int) or not (0 <= s < 2**31) for s in shape) \
+    if any(not is_int(s) or not (0 <= s < 2**31) for s in shape) \
             or math.prod(max(s, 1) for s in shape) * dt.itemsize >= 2**62:
         # (0, 2**63) declares 0 bytes but numpy cannot even make the empty array of that shape
         raise ProtocolError(f"invalid tensor shape {shape}")

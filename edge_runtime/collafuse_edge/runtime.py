@@ -24,6 +24,7 @@ from .errors import InputError
 from .noise import initial_noise
 from .sampler import DenoiseFn, SamplerConfig, StepCallback, finish
 from .session import OnnxDenoiser, SessionConfig
+from .validation import check_int
 
 
 @dataclass(frozen=True)
@@ -74,8 +75,7 @@ class EdgeRuntime:
         *,
         max_batch: int = 64,
     ):
-        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
-            raise InputError(f"max_batch must be a positive integer, got {max_batch!r}")
+        check_int("max_batch", max_batch, low=1)
         self.bundle = bundle
         self.denoiser = denoiser if denoiser is not None else OnnxDenoiser(bundle, session)
         self.max_batch = max_batch
@@ -207,8 +207,7 @@ class EdgeRuntime:
 
 
 def _check_n(n: int) -> None:
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise InputError(f"the number of images must be a positive integer, got {n!r}")
+    check_int("the number of images", n, low=1)
 
 
 def _check_rows(handoff: Handoff, n: int) -> None:

@@ -21,6 +21,7 @@ import numpy as np
 from .errors import InputError
 from .noise import StepNoiseAhead
 from .schedule import SAMPLERS, Schedule, Timetable, client_timetable, needs_noise, step_coefficients
+from .validation import check_int
 
 # ε̂ = denoise(sample [B,C,H,W] f32, timestep [B] i64, class_labels [B] i64 | None) → [B,C,H,W] f32
 DenoiseFn = Callable[[np.ndarray, np.ndarray, Optional[np.ndarray]], np.ndarray]
@@ -39,10 +40,7 @@ class SamplerConfig:
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS:
             raise InputError(f"sampler must be one of {', '.join(SAMPLERS)}; got {self.sampler!r}")
-        if self.steps is not None and (
-            isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1
-        ):
-            raise InputError(f"steps must be a positive integer or None, got {self.steps!r}")
+        check_int("steps", self.steps, low=1, allow_none=True)
         if not (self.eta >= 0):
             raise InputError(f"eta must be ≥ 0, got {self.eta!r}")
         if self.sampler == "ddpm" and self.eta != 0:

@@ -26,6 +26,7 @@ from typing import Any, Literal, NamedTuple, Sequence
 import numpy as np
 
 from .errors import ScheduleError
+from .validation import check_int, is_number
 
 BetaScheduleName = Literal["linear", "cosine"]
 BETA_SCHEDULES: tuple[str, ...] = ("linear", "cosine")
@@ -39,10 +40,7 @@ def make_betas(
     beta_end: float = 0.02,
 ) -> np.ndarray:
     """Betas ``[T]`` float64 exactly as diffusers defines ``linear`` and ``squaredcos_cap_v2``."""
-    if not isinstance(num_train_timesteps, (int, np.integer)) or num_train_timesteps < 2:
-        raise ScheduleError(
-            f"num_train_timesteps must be an integer ≥ 2, got {num_train_timesteps!r}"
-        )
+    check_int("num_train_timesteps", num_train_timesteps, low=2, error=ScheduleError)
     if beta_schedule == "linear":
         if not (0.0 < beta_start < beta_end < 1.0):
             raise ScheduleError(
@@ -154,8 +152,7 @@ class Schedule:
         return ab
 
     def check_level(self, t: int, name: str = "level") -> int:
-        if not isinstance(t, (int, np.integer)) or not (0 <= t < self.T):
-            raise ScheduleError(f"{name} must be an integer in [0, {self.T - 1}], got {t!r}")
+        check_int(name, t, low=0, high=self.T - 1, error=ScheduleError)
         return int(t)
 
     def add_noise(self, x0: Any, noise: Any, t: Any) -> Any:
@@ -220,10 +217,10 @@ class Schedule:
 
 def client_level_count(cut_ratio: float, T: int) -> int:
     """k = round(c·T), the number of levels (k-1 … 0) the client runs. Halves round up."""
-    if isinstance(cut_ratio, bool) or not isinstance(cut_ratio, (int, float, np.floating)):
+    if not is_number(cut_ratio):
         raise ScheduleError(f"cut ratio must be a number in [0, 1], got {cut_ratio!r}")
     c = float(cut_ratio)
-    if not (0.0 <= c <= 1.0) or math.isnan(c):
+    if not (0.0 <= c <= 1.0):
         raise ScheduleError(f"cut ratio must lie in [0, 1], got {cut_ratio!r}")
     return int(math.floor(c * T + 0.5))
 

@@ -235,3 +235,14 @@ def test_writer_refuses_an_inconsistent_manifest(tmp_path):
     with pytest.raises(BundleError, match="sha256"):
         write_manifest(out, doc)
     assert not (out / "manifest.json").exists()
+
+
+def test_bundle_hashes_with_the_shared_sha256_file(tmp_path):
+    import hashlib
+
+    from collafuse_edge import bundle, files
+
+    assert bundle.sha256_file is files.sha256_file
+    p = tmp_path / "f.bin"
+    p.write_bytes(b"x" * 3_000_000)
+    assert bundle.file_entry(tmp_path, "f.bin").sha256 == hashlib.sha256(b"x" * 3_000_000).hexdigest()

@@ -179,3 +179,17 @@ def test_onnxruntime_source_locations_are_cut_from_messages():
                      "RegisterTensorRTPluginsAsCustomOps(PySessionOptions&, const onnxruntime::ProviderOptions&) "
                      "Please install TensorRT libraries\nmore")
     assert _first_line(e) == "Please install TensorRT libraries"
+
+
+def test_the_split_modules_stay_importable_from_session():
+    """providers, graph_cache and cuda_graphs hold the pieces; session re-exports them unchanged."""
+    from collafuse_edge import cuda_graphs, graph_cache
+
+    for mod in (providers_mod, graph_cache, cuda_graphs):
+        for name in mod.__all__:
+            if hasattr(session_mod, name):
+                assert getattr(session_mod, name) is getattr(mod, name), name
+    for name in session_mod.__all__:
+        assert hasattr(session_mod, name), name
+    assert {"CudaGraphs", "GraphCache", "choose_providers", "import_onnxruntime", "preload_gpu_libraries",
+            "default_trt_cache_dir", "INSTALL_HINT", "GRAPH_OPTIMIZATIONS"} <= set(session_mod.__all__)
