@@ -13,7 +13,7 @@ def _info(shape, classes=10, labels=True):
         assert (method, path) == ("GET", "/v1/info")
         return 200, {"schedule": _schedule_doc(), "image_shape": list(shape), "num_classes": classes,
                      "server_conditioning": "label" if labels else "none",
-                     "you": {"client_levels": 60, "handoff_level": 59}}
+                     "you": {"client_levels": 60, "handoff_level": 59, "cut_ratio": 0.6}}
     return transport
 
 

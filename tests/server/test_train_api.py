@@ -53,13 +53,16 @@ async def test_upload_accept_replay_and_training(client):
     assert r.status == 409 and (await r.json())["error"]["code"] == "duplicate_batch"
     import asyncio
 
+    before = (await (await client.get("/v1/info", headers=auth(0))).json())["model_version"]
     for _ in range(600):
         info = await (await client.get("/v1/info", headers=auth(0))).json()
-        if info["training"]["trained_batches"] >= 1 and "server-train" in info["model_version"]:
+        if info["training"]["trained_batches"] >= 1 and info["model_version"] != before:
             break
         await asyncio.sleep(0.1)
     assert info["training"]["trained_batches"] == 1 and info["training"]["step"] >= 1
-    assert "server-train" in info["model_version"]  # inference picked up the new weights
+    # inference picked up the new weights, named like every model version: the trainer's checkpoint
+    assert info["model_version"] != before
+    assert info["model_version"].split("@")[1].startswith(f"{info['training']['step']}:")
     r = await client.post("/v1/handoff", json={"n": 1, "labels": [0], "seed": 1}, headers=auth(0))
     assert r.status == 200
 
