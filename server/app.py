@@ -128,14 +128,14 @@ async def _weights_watch_ctx(app: web.Application) -> AsyncIterator[None]:
         return
     loop = asyncio.get_running_loop()
 
-    def newer() -> tuple[str, dict] | None:
+    def newer() -> tuple[str, int, dict] | None:
         ckpt = server_checkpoint(cfg.run_dir, "latest")
-        version, _ = checkpoint_model_version(cfg.run_dir, ckpt)
+        version, step = checkpoint_model_version(cfg.run_dir, ckpt)
         if version == state.model_version:
             return None
         sd = load_tensors(os.path.join(ckpt, "server.raw.safetensors"))
         sd.update(load_tensors(os.path.join(ckpt, "server.safetensors")))  # EMA over the raw weights
-        return version, sd
+        return version, step, sd
 
     async def watch() -> None:
         while True:
@@ -145,10 +145,10 @@ async def _weights_watch_ctx(app: web.Application) -> AsyncIterator[None]:
             try:
                 found = await loop.run_in_executor(None, newer)
                 if found is not None:
-                    version, sd = found
+                    version, step, sd = found
                     model = state.engine.denoise.model
                     await state.engine.run_sync(lambda: model.load_state_dict(sd))
-                    state.model_version, state.step = version, int(version.split("@")[1].split(":")[0])
+                    state.model_version, state.step = version, step
                     log.info("serving new server weights %s", version)
             except (CheckpointError, OSError, RuntimeError, ValueError) as e:  # a checkpoint being replaced
                 log.warning("new server weights not loaded yet (%s); still serving %s", e, state.model_version)

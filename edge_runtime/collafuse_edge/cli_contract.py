@@ -39,26 +39,21 @@ DEFAULT_SERVER_STEPS = 40
 DEFAULT_CLIENT_STEPS = 20
 
 
-def positive_int(text: str) -> int:
-    """argparse ``type=``: an integer ≥ 1."""
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return v
+def _int_at_least(low: int, what: str):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            v = low - 1
+        if v < low:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return v
+
+    return parse
 
 
-def non_negative_int(text: str) -> int:
-    """argparse ``type=``: an integer ≥ 0."""
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
-    return v
+positive_int = _int_at_least(1, "a positive integer")  # argparse ``type=``: an integer ≥ 1
+non_negative_int = _int_at_least(0, "a non-negative integer")  # argparse ``type=``: an integer ≥ 0
 
 
 def add_sampler_args(p: argparse.ArgumentParser, *, server: bool = True,
