@@ -43,3 +43,22 @@ audit: venv
 
 clean:
 	rm -rf $(VENV) $(EDGE_VENV) demo-out
+
+# The oldest versions collafuse-edge declares (the '>=' floors of edge_runtime/pyproject.toml,
+# numpy 1.x as on a Jetson), installed exactly in a fresh venv, running tests/edge.
+EDGE_OLDEST_VENV := build/venv-edge-oldest
+.PHONY: test-edge-oldest test-aarch64
+test-edge-oldest:
+	rm -rf $(EDGE_OLDEST_VENV)
+	mkdir -p build
+	$(PYTHON) -m venv $(EDGE_OLDEST_VENV)
+	$(PYTHON) edge_runtime/scripts/oldest_versions.py constraints > build/edge-oldest-constraints.txt
+	PIP_CONSTRAINT=build/edge-oldest-constraints.txt $(EDGE_OLDEST_VENV)/bin/python -m pip install -q \
+	  "./edge_runtime[cpu,png,sign]" pytest "pytest-aiohttp<1.1" hypothesis
+	$(EDGE_OLDEST_VENV)/bin/python edge_runtime/scripts/oldest_versions.py check
+	cd tests/edge && ../../$(EDGE_OLDEST_VENV)/bin/python -m pytest -q -p no:cacheprovider --rootdir=. -c /dev/null -o asyncio_mode=auto -o asyncio_default_fixture_loop_scope=function . || [ $$? -eq 5 ]
+
+# arm64: tests/edge in an emulated arm64 Debian userland and the parity of one bundle arm64 vs
+# this machine. Opt-in (needs root; registers a binfmt_misc handler): see .ci/aarch64/test.sh.
+test-aarch64:
+	.ci/aarch64/test.sh

@@ -37,6 +37,14 @@ def default_trt_cache_dir(bundle: Bundle) -> Path:
     return cache_base() / "tensorrt" / model_sha(bundle)[:16]
 
 
+def trt_engine_files(folder: Path) -> list[Path]:
+    """The TensorRT engines onnxruntime has cached in ``folder`` (none when it does not exist)."""
+    try:
+        return sorted(p for p in Path(folder).iterdir() if p.suffix == ".engine" and p.is_file())
+    except OSError:
+        return []
+
+
 def cpu_fingerprint() -> str:
     """What an optimised CPU graph depends on besides the model: the machine's instruction set
     (onnxruntime bakes NCHWc layouts and kernels chosen for it into the saved graph)."""
@@ -104,4 +112,4 @@ class GraphCache:
             tmp.unlink(missing_ok=True)
 
 
-__all__ = ["GraphCache", "cache_base", "cpu_fingerprint", "default_trt_cache_dir", "model_sha"]
+__all__ = ["GraphCache", "cache_base", "cpu_fingerprint", "default_trt_cache_dir", "model_sha", "trt_engine_files"]

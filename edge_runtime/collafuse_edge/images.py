@@ -1,16 +1,24 @@
 """Writing generated images: ``.npy`` (numpy only) or a PNG grid (Pillow, the ``png`` extra).
 
-Images are float32 ``[B,C,H,W]`` in [-1, 1], C = 1 (grey) or 3 (RGB).
+Images are float32 ``[B,C,H,W]`` in [-1, 1], C = 1 (grey) or 3 (RGB). Both are written
+atomically (a reader never sees half a file). A PNG carries what made it as text chunks
+(``collafuse:model_version``, ``collafuse:seed``, ``collafuse:labels``, ``collafuse:bundle_sha256``, …;
+read them back with :func:`read_png_metadata` or any PNG tool).
 """
 from __future__ import annotations
 
+import io
 import math
 import os
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 
 from .errors import InputError
+from .files import atomic_write_bytes
+
+PNG_KEY_PREFIX = "collafuse:"
 
 PNG_HINT = "writing PNG files needs Pillow: pip install 'collafuse-edge[png]' (or write .npy instead)"
 OUTPUT_SUFFIXES = (".png", ".npy")
@@ -40,18 +48,44 @@ def make_grid(images: np.ndarray, nrow: int | None = None, pad: int = 1) -> np.n
     return grid
 
 
-def write_png(path: str | os.PathLike, images: np.ndarray, nrow: int | None = None) -> Path:
-    """Write ``[B,C,H,W]`` images in [-1, 1] as one PNG grid."""
+def write_png(path: str | os.PathLike, images: np.ndarray, nrow: int | None = None,
+              metadata: Mapping[str, object] | None = None) -> Path:
+    """Write ``[B,C,H,W]`` images in [-1, 1] as one PNG grid; ``metadata`` become text chunks
+    ``collafuse:<key>`` (values as text; None values are left out)."""
     try:
         from PIL import Image
+        from PIL.PngImagePlugin import PngInfo
     except ImportError as e:
         raise ImportError(PNG_HINT) from e
     if images.shape[1] not in (1, 3):
         raise InputError(f"PNG needs 1 or 3 channels, got {images.shape[1]}; write .npy instead")
     grid = make_grid(images, nrow)
     mode = "L" if grid.shape[2] == 1 else "RGB"
-    Image.fromarray(grid[:, :, 0] if mode == "L" else grid, mode=mode).save(path, format="PNG")
+    info = PngInfo()
+    for key, value in (metadata or {}).items():
+        if value is not None:
+            info.add_text(PNG_KEY_PREFIX + key, value if isinstance(value, str) else _text(value))
+    buf = io.BytesIO()
+    Image.fromarray(grid[:, :, 0] if mode == "L" else grid, mode=mode).save(buf, format="PNG", pnginfo=info)
+    atomic_write_bytes(path, buf.getvalue())
     return Path(path)
+
+
+def _text(value: object) -> str:
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return ",".join(str(int(v)) if isinstance(v, (int, np.integer)) else str(v) for v in np.asarray(value).ravel())
+    return str(value)
+
+
+def read_png_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The ``collafuse:*`` text chunks of a PNG written by :func:`write_png`, without the prefix."""
+    try:
+        from PIL import Image
+    except ImportError as e:
+        raise ImportError(PNG_HINT) from e
+    with Image.open(path) as im:
+        text = dict(getattr(im, "text", {}) or {})
+    return {k[len(PNG_KEY_PREFIX):]: v for k, v in text.items() if k.startswith(PNG_KEY_PREFIX)}
 
 
 def check_output_path(path: str | os.PathLike) -> Path:
@@ -70,10 +104,13 @@ def check_output_path(path: str | os.PathLike) -> Path:
     return p
 
 
-def save_images(path: str | os.PathLike, images: np.ndarray) -> Path:
-    """``.npy``: the float32 array as is; ``.png``: a grid. Other suffixes are refused."""
+def save_images(path: str | os.PathLike, images: np.ndarray, metadata: Mapping[str, object] | None = None) -> Path:
+    """``.npy``: the float32 array as is; ``.png``: a grid carrying ``metadata``. Other suffixes
+    are refused."""
     p = check_output_path(path)
     if p.suffix.lower() == ".npy":
-        np.save(p, np.ascontiguousarray(images, dtype=np.float32), allow_pickle=False)
+        buf = io.BytesIO()
+        np.save(buf, np.ascontiguousarray(images, dtype=np.float32), allow_pickle=False)
+        atomic_write_bytes(p, buf.getvalue())
         return p
-    return write_png(p, images)
+    return write_png(p, images, metadata=metadata)

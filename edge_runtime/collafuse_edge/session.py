@@ -23,7 +23,7 @@ import numpy as np
 from .bundle import BATCH_DIM, CLASS_LABELS, EPS, SAMPLE, TIMESTEP, Bundle
 from .cuda_graphs import CudaGraphs
 from .errors import BundleError, InputError
-from .graph_cache import GraphCache, default_trt_cache_dir
+from .graph_cache import GraphCache, default_trt_cache_dir, trt_engine_files
 from .graph_cache import cache_base as _cache_base
 from .providers import (GPU_PROVIDERS, INSTALL_HINT, PROVIDER_NAMES, choose_providers, full_provider_name, gpu_hint,
                         import_onnxruntime, preload_gpu_libraries)
@@ -113,6 +113,16 @@ class OnnxDenoiser:
         so.log_severity_level = 3  # errors only: provider fallbacks are reported via .providers
         names = choose_providers(cfg.providers, ort.get_available_providers())
         providers = [(p, _provider_options(p, cfg, bundle)) for p in names]
+        self.trt_cache_dir: Path | None = None
+        self.trt_first_build = False  # TensorRT had no engine cached for this model: it builds them now
+        if "TensorrtExecutionProvider" in names:
+            self.trt_cache_dir = Path(dict(providers)["TensorrtExecutionProvider"]["trt_engine_cache_path"])
+            self.trt_first_build = not trt_engine_files(self.trt_cache_dir)
+            if self.trt_first_build:
+                log.warning("TensorRT builds its engines for %s now (first use of this model with these options): "
+                            "this can take minutes with no other output. They are kept in %s and reused by later "
+                            "starts; collafuse-edge warmup --bundle %s does this ahead of time.",
+                            bundle.model_file.name, self.trt_cache_dir, bundle.path)
         cache = None
         if cfg.graph_cache != "off" and names == ["CPUExecutionProvider"] and cfg.graph_optimization != "disable":
             root = _cache_base() / "ort-optimized" if cfg.graph_cache == "auto" else Path(cfg.graph_cache)
