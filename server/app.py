@@ -33,7 +33,7 @@ from .middleware import error_middleware, quiet_malformed_http_logs
 from .prometheus import ServerMetrics
 from .routes import setup_routes
 from .state import STATE, ServerState
-from .token_reload import token_reload_ctx
+from .token_reload import server_table_at_start, token_reload_ctx
 
 log = logging.getLogger("collafuse.server")
 
@@ -111,9 +111,10 @@ def _publish_weights(app: web.Application, loop: asyncio.AbstractEventLoop, sd: 
 
     async def swap() -> None:
         await engine.run_sync(load)
-        state.model_version, state.step = name, step
+        state.set_model_version(name, step)
         log.info("serving new server weights %s", state.model_version)
 
+    state.metrics.checkpoint_written()  # on_weights follows every durable trainer checkpoint
     name, step = model_version(state.config.run_dir)  # the checkpoint that holds these weights
     asyncio.run_coroutine_threadsafe(swap(), loop).result()
 
@@ -148,7 +149,7 @@ async def _weights_watch_ctx(app: web.Application) -> AsyncIterator[None]:
                     version, step, sd = found
                     model = state.engine.denoise.model
                     await state.engine.run_sync(lambda: model.load_state_dict(sd))
-                    state.model_version, state.step = version, step
+                    state.set_model_version(version, step)
                     log.info("serving new server weights %s", version)
             except (CheckpointError, OSError, RuntimeError, ValueError) as e:  # a checkpoint being replaced
                 log.warning("new server weights not loaded yet (%s); still serving %s", e, state.model_version)
@@ -162,6 +163,17 @@ async def _weights_watch_ctx(app: web.Application) -> AsyncIterator[None]:
             await task
         except asyncio.CancelledError:
             pass
+
+
+def _checkpoint_time(state_dir: str) -> float | None:
+    """When the newest checkpoint in ``state_dir`` was written (None: none yet)."""
+    from collafuse.checkpoint import latest_checkpoint
+
+    try:
+        ckpt = latest_checkpoint(state_dir)
+        return None if ckpt is None else os.path.getmtime(os.path.join(ckpt, "state.json"))
+    except (CheckpointError, OSError):
+        return None
 
 
 async def _trainer_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -180,6 +192,7 @@ async def _trainer_ctx(app: web.Application) -> AsyncIterator[None]:
     if trainer.step > 0:  # resumed: serve what the trainer had last published
         sd = trainer.ema_state_dict()
         await loop.run_in_executor(None, _publish_weights, app, loop, sd, trainer.step)
+    state.metrics.watch_trainer(trainer, _checkpoint_time(trainer.state_dir))
     state.trainer = trainer
     trainer.start()
     log.info("training the server model from client uploads (step %d, %d batches pending)", trainer.step,
@@ -204,6 +217,8 @@ def create_app(config: ServerConfig, *, run: LoadedRun | None = None) -> web.App
     version, step = model_version(config.run_dir, config.server_checkpoint)
     state = ServerState(config, run_config, data, tokens, ServerMetrics(), model_version=version, step=step,
                         schedule_doc=run_config.schedule.build().to_dict(), preloaded=run)
+    state.metrics.set_model_version(version)
+    state.server_table = server_table_at_start(config.config_file)
     body_limit = max(config.max_body_bytes, config.max_train_body_bytes if config.train else 0)
     app = web.Application(client_max_size=body_limit, middlewares=[error_middleware])
     app[STATE] = state

@@ -3,6 +3,7 @@
     collafuse serve --run runs/demo --config server.toml --host 0.0.0.0 --port 8080
     collafuse serve --run runs/demo --config server.toml --workers 4        # gunicorn, 4 processes
     collafuse serve --new-token 0                                           # a token for client 0
+    collafuse serve --new-token 0 --name site-a --json                      # … as JSON, for scripts
 
 The ``collafuse`` command finds :func:`add_serve_parser` through the ``collafuse.commands`` entry
 point; the handler returns an exit code. Parsing imports neither torch nor aiohttp.
@@ -61,9 +62,16 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.add_argument("--new-token", type=int, metavar="K", default=None,
                    help="print a fresh token for client K and the [[tokens]] entry to add, then exit")
+    p.add_argument("--name", default=None, metavar="NAME",
+                   help="with --new-token: the token's name in logs and metrics (default client-K)")
+    p.add_argument("--json", action="store_true",
+                   help="with --new-token: print one JSON object (token, client, name, sha256, config_entry) so a "
+                        "script can store the secret and the config entry apart")
     p.set_defaults(func=cmd_serve)
     return p
 
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
 
 _OPTIONS = ("host", "port", "device", "precision", "compile", "cuda_graphs", "threads", "batching",
             "max_batch_rows", "max_n", "max_queue", "max_body_bytes", "drain_timeout_s", "tls_cert",
@@ -72,22 +80,41 @@ _OPTIONS = ("host", "port", "device", "precision", "compile", "cuda_graphs", "th
 
 @command("collafuse serve")
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .config import load_server_config, new_token, token_entry_text
+    from .config import load_server_config
     from .errors import ServerConfigError
 
     if args.new_token is not None:
-        if args.new_token < 0:
-            raise ServerConfigError(f"--new-token takes a client index ≥ 0, got {args.new_token}")
-        tok = new_token()
-        print(f"token (give it to client {args.new_token}; it is shown only now):\n  {tok}\n")
-        print("add to the server config file:\n")
-        print(token_entry_text(tok, args.new_token))
-        return 0
+        return _print_new_token(args.new_token, args.name, args.json)
+    if args.name is not None or args.json:
+        raise ServerConfigError("--name and --json go with --new-token K (they describe the token it prints)")
     if not args.run:
         raise ServerConfigError("--run DIR is required: the trained run whose server model to serve")
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # %(process)d: under --workers N every line says which worker wrote it
+    logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT)
     cfg = load_server_config(args.run, args.config, **{k: getattr(args, k) for k in _OPTIONS})
     from .serve import serve
 
     serve(cfg)
+    return 0
+
+
+def _print_new_token(client: int, name: str | None, as_json: bool) -> int:
+    import json
+
+    from .config import check_token_name, hash_token, new_token, token_entry_text
+    from .errors import ServerConfigError
+
+    if client < 0:
+        raise ServerConfigError(f"--new-token takes a client index ≥ 0, got {client}")
+    if name is not None:
+        check_token_name(name, "--name")
+    tok = new_token()
+    entry = token_entry_text(tok, client, name or "")
+    if as_json:
+        print(json.dumps({"token": tok, "client": client, "name": name or f"client-{client}",
+                          "sha256": hash_token(tok), "config_entry": entry}))
+        return 0
+    print(f"token (give it to client {client}; it is shown only now):\n  {tok}\n")
+    print("add to the server config file:\n")
+    print(entry)
     return 0

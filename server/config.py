@@ -280,12 +280,26 @@ def load_tokens(path: str) -> tuple[TokenEntry, ...]:
     return tokens_from(read_config_file(path).get("tokens"), path)
 
 
+_TOKEN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def check_token_name(name: str, what: str = "name") -> str:
+    """A token name for a new config entry: 1-64 of ``[A-Za-z0-9._-]``, starting with a letter or
+    digit (it becomes a TOML string, a log word and a metrics label)."""
+    if not isinstance(name, str) or not _TOKEN_NAME.match(name):
+        raise ServerConfigError(f"{what} must be 1-64 characters of letters, digits, '.', '_' or '-', starting "
+                                f"with a letter or digit (e.g. hospital-a), got {name!r}")
+    return name
+
+
 def token_entry_text(token: str, client: int, name: str = "") -> str:
     """The TOML entry to paste into a config file for ``token`` (what --new-token prints)."""
+    if name:
+        check_token_name(name)
     lines = ["[[tokens]]", f'name = "{name or f"client-{client}"}"', f"client = {client}",
              f'sha256 = "{hash_token(token)}"']
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["PRECISIONS", "ServerConfig", "TokenEntry", "hash_token", "load_server_config", "load_tokens", "new_token",
+__all__ = ["PRECISIONS", "ServerConfig", "TokenEntry", "check_token_name", "hash_token", "load_server_config", "load_tokens", "new_token",
            "read_config_file", "token_entry_text", "tokens_from"]

@@ -2,7 +2,8 @@
 
 It covers the views' :class:`ApiError`, aiohttp's own HTTP exceptions (404 unknown route, 405
 wrong method, 413 body too large, …) and unexpected exceptions (500, logged with a traceback,
-never echoed to the caller). It also counts requests and bytes for ``/metrics``.
+never echoed to the caller). It also counts requests, body bytes and training uploads (by
+status and error code) for ``/metrics``.
 
 Slow peers: views read bodies with :func:`read_body` (``body_timeout_s``, then 408 and the
 connection closes), and the middleware writes every response itself within ``send_timeout_s``;
@@ -111,26 +112,34 @@ def _route_label(request: web.Request) -> str:
 
 @web.middleware
 async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
+    code = "ok"  # the error code of the answer, for the upload counter
     try:
         resp = await handler(request)
     except ApiError as e:
+        code = e.code
         resp = json_error(e.status, e.code, e.message, e.headers)
     except web.HTTPException as e:
         if e.status < 400:
             raise
+        code = _CODES.get(e.status, "client_error" if e.status < 500 else "server_error")
         resp = _from_http_exception(request, e)
     except asyncio.CancelledError:
         raise
     except ConnectionError:  # the peer went away (e.g. mid-body in read_body): not a server fault
         log.debug("client of %s %s closed the connection mid-request", request.method, request.path)
-        resp = json_error(499, "client_closed_request", "the client closed the connection mid-request")
+        code = "client_closed_request"
+        resp = json_error(499, code, "the client closed the connection mid-request")
     except Exception:
         log.exception("unhandled error in %s %s", request.method, request.path)
-        resp = json_error(500, "internal_error", "the server failed to handle the request; see the server log")
+        code = "internal_error"
+        resp = json_error(500, code, "the server failed to handle the request; see the server log")
     state = request.app.get(STATE)
     if state is not None:
         m = state.metrics
-        m.requests.labels(_route_label(request), request.method, str(resp.status)).inc()
+        route = _route_label(request)
+        m.requests.labels(route, request.method, str(resp.status)).inc()
+        if route == "/v1/train" and request.method == "POST":
+            m.train_uploads.labels(str(resp.status), "accepted" if resp.status == 200 else code).inc()
         if request.content_length:
             m.bytes_in.inc(request.content_length)
         body = getattr(resp, "body", None)

@@ -82,6 +82,18 @@ def openapi_document() -> dict:
                                    "description": "optional assertion; 403 unless it is the token's client"},
                     },
                 },
+                "TrainAccepted": {
+                    "type": "object",
+                    "required": ["accepted", "batch_id", "rows", "pending_batches", "trainer_step"],
+                    "properties": {
+                        "accepted": {"type": "boolean", "const": True},
+                        "batch_id": {"type": "string"},
+                        "rows": {"type": "integer", "minimum": 1},
+                        "pending_batches": {"type": "integer", "minimum": 0,
+                                            "description": "uploads queued for training, this one included"},
+                        "trainer_step": {"type": "integer", "minimum": 0},
+                    },
+                },
                 "Info": {
                     "type": "object",
                     "required": ["api_version", "model_version", "schedule", "image_shape", "num_classes",
@@ -116,8 +128,10 @@ def openapi_document() -> dict:
             "/readyz": {"get": {"summary": "readiness: model loaded, engine running, not draining", "responses": {
                 "200": {"description": "ready", "content": {"application/json": {}}},
                 "503": _error("loading or draining (Retry-After)")}}},
-            "/metrics": {"get": {"summary": "Prometheus metrics of this process", "responses": {
-                "200": {"description": "text exposition format", "content": {"text/plain": {}}}}}},
+            "/metrics": {"get": {
+                "summary": "Prometheus metrics of the whole server (under --workers N, every worker's numbers merged)",
+                "responses": {"200": {"description": "Prometheus text exposition format 0.0.4",
+                                      "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
             "/openapi.json": {"get": {"summary": "this document", "responses": {
                 "200": {"description": "OpenAPI 3.1", "content": {"application/json": {}}}}}},
             "/v1/info": {"get": {
@@ -159,11 +173,11 @@ def openapi_document() -> dict:
                     {"name": "X-Collafuse-Labels", "in": "header", "required": False, "schema": {"type": "string"},
                      "description": "comma-separated class ids, one per row; exactly when labels_required"},
                 ],
-                "requestBody": {"required": True, "content": {NPY_CONTENT_TYPE: {
-                    "schema": {"type": "string", "format": "binary"},
-                    "description": "float32 [B, C, H, W] .npy bytes, finite"}}},
+                "requestBody": {"required": True, "description": "float32 [B, C, H, W] .npy bytes, finite",
+                                "content": {NPY_CONTENT_TYPE: {"schema": {"type": "string", "format": "binary"}}}},
                 "responses": {
-                    "200": {"description": "durably queued", "content": {"application/json": {}}},
+                    "200": {"description": "durably queued", "content": {"application/json": {
+                        "schema": {"$ref": "#/components/schemas/TrainAccepted"}}}},
                     "400": _error("bad_batch_id, bad_level, bad_tensor (shape/dtype/NaN/Inf), bad_labels, "
                                   "labels_required, labels_not_shared"),
                     **_AUTH_ERRORS,

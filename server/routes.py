@@ -61,7 +61,10 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    resp = web.Response(body=state_of(request).metrics.render())
+    s = state_of(request)
+    if s.trainer is not None:
+        s.metrics.observe_trainer(s.trainer)
+    resp = web.Response(body=s.metrics.render())
     resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
     return resp
 

@@ -45,6 +45,13 @@ class ServerState:
     schedule_doc: dict = field(default_factory=dict, repr=False)  # /v1/info's schedule, built once
     preloaded: LoadedRun | None = field(default=None, repr=False)
     trainer: ServerTrainer | None = field(default=None, repr=False)
+    server_table: dict | None = field(default=None, repr=False)  # the config file's [server] at start
+    token_reload_failed: bool = False  # the last token reload failed (the next good one says so)
+
+    def set_model_version(self, version: str, step: int) -> None:
+        """The served weights changed (on the event loop): /v1/info, headers and collafuse_model_info."""
+        self.model_version, self.step = version, step
+        self.metrics.set_model_version(version)
 
     def training_progress(self) -> dict:
         return {"enabled": True, **self.trainer.progress()} if self.trainer is not None else {"enabled": False}

@@ -160,7 +160,8 @@ async def test_metrics_count_requests_batches_and_bytes(client):
     assert 'collafuse_requests_total{method="POST",route="/v1/handoff",status="200"} 1.0' in text
     assert 'route="unmatched",status="404"' in text
     for name in ("collafuse_batch_rows_bucket", "collafuse_step_seconds_bucket", "collafuse_queue_waiting",
-                 "collafuse_bytes_in_total", "collafuse_bytes_out_total", "collafuse_handoff_seconds_bucket"):
+                 'collafuse_http_bytes_total{direction="in"}', 'collafuse_http_bytes_total{direction="out"}',
+                 "collafuse_handoff_seconds_bucket"):
         assert name in text
     assert 'collafuse_handoff_images_total{client="client-0"} 2.0' in text
 
