@@ -100,8 +100,9 @@ class ServerMetrics:
         self.train_spool_batches = Gauge("collafuse_train_spool_pending_batches",
                                          "uploaded batches queued for training", registry=r,
                                          multiprocess_mode="livemax")
-        self.train_spool_bytes = Gauge("collafuse_train_spool_pending_bytes", "bytes of the queued uploads on disk",
-                                       registry=r, multiprocess_mode="livemax")
+        self.train_spool_bytes = Gauge("collafuse_train_spool_pending_bytes", "bytes the upload spool holds on disk: "
+                                       "queued uploads and trained ones not yet in a checkpoint (429 beyond its "
+                                       "limit)", registry=r, multiprocess_mode="livemax")
         self.train_batches = Counter("collafuse_train_batches", "uploaded batches trained by this process",
                                      registry=r)
         self.train_rows = Counter("collafuse_train_rows", "uploaded rows (images) trained by this process",
