@@ -80,6 +80,9 @@ def add_run_args(p: argparse.ArgumentParser, steps: int = DEFAULT_TRAIN_STEPS) -
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--checkpoint-every", type=int, default=500)
+    p.add_argument("--disclose", default="fresh", choices=("fresh", "once"),
+                   help="fresh: a new noise draw per upload (default); once: one keyed x_h per image, reused "
+                        "every epoch, so the server cannot average copies (see collafuse privacy)")
 
 
 def train_steps(args: argparse.Namespace) -> int:
@@ -99,6 +102,7 @@ def run_config_from(args: argparse.Namespace) -> RunConfig:
         class_conditional=not args.unconditional,
         server_conditioning=args.server_conditioning,
         objective=args.objective,
+        disclose=args.disclose,
         train=TrainConfig(steps=steps, batch_size=args.batch_size, lr=args.lr, ema_decay=args.ema_decay,
                           seed=args.seed, device=args.device,
                           checkpoint_every=min(args.checkpoint_every, max(steps, 1))),
@@ -164,7 +168,7 @@ def cmd_client_train(args: argparse.Namespace) -> int:
         train=TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device,
                           log_every=10, checkpoint_every=min(args.checkpoint_every, args.steps)),
         upload_every=args.upload_every, upload_batch=args.upload_batch,
-        retry_for_s=args.retry_for, ca_file=args.ca_file,
+        retry_for_s=args.retry_for, ca_file=args.ca_file, disclose=args.disclose,
     )
     tr = ClientTrainer(cc)
     try:
@@ -231,11 +235,17 @@ def build_parser() -> argparse.ArgumentParser:
     ct.add_argument("--retry-for", type=float, default=600.0, metavar="S",
                     help="keep retrying an unreachable or overloaded server this many seconds (default 600)")
     ct.add_argument("--ca-file", default=None, metavar="PEM", help="CA bundle that signed the server's certificate")
+    ct.add_argument("--disclose", default="fresh", choices=("fresh", "once"),
+                    help="fresh: a new noise draw per upload (default); once: one keyed x_h per image, reused "
+                         "every upload (the key stays in --out)")
     ct.set_defaults(func=cmd_client_train)
 
     from .metrics.cli import add_evaluate_parser
 
     add_evaluate_parser(sub)
+    from .privacy import add_privacy_parser
+
+    add_privacy_parser(sub)
     for ep in sorted(entry_points(group=COMMANDS_GROUP), key=lambda e: e.name):
         ep.load()(sub)  # a broken plugin raises here: a missing command would be a worse surprise
     return p

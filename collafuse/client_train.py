@@ -52,6 +52,7 @@ class ClientTrainConfig:
     timeout_s: float = 30.0
     retry_for_s: float = 600.0  # keep retrying an unreachable/overloaded server this long (capped back-off)
     ca_file: str | None = None  # PEM bundle to verify a server certificate from a private CA
+    disclose: str = "fresh"  # "once": one keyed x_h per image, reused every upload (collafuse/privacy_once.py)
 
     def __post_init__(self) -> None:
         from urllib.parse import urlsplit
@@ -69,6 +70,9 @@ class ClientTrainConfig:
             raise ConfigError("upload_every and upload_batch must be positive")
         if not self.token:
             raise ConfigError("a bearer token is required: pass --token or set COLLAFUSE_TOKEN")
+        from .privacy_once import check_disclose_mode
+
+        check_disclose_mode(self.disclose)
 
 
 def aiohttp_transport(base_url: str, token: str, timeout_s: float, retry_for_s: float,
@@ -160,6 +164,11 @@ class ClientTrainer:
         from .run_lock import RunLock
 
         self.lock = RunLock(cc.out, "collafuse client-train").acquire()  # one process per site run
+        self.once = None
+        if cc.disclose == "once":  # the secret stays in the site's run directory, never sent
+            from .privacy_once import OnceNoise, load_or_create_secret
+
+            self.once = OnceNoise(mine.train_images, load_or_create_secret(cc.out))
         ck = latest_checkpoint(cc.out)
         if ck is not None:
             meta = read_state(ck)
@@ -184,7 +193,7 @@ class ClientTrainer:
                         cut_ratios=(float(info["you"]["cut_ratio"]),) * cc.data.num_clients,
                         client_model=model, server_model=model,  # the server's model stays on the server
                         class_conditional=True, server_conditioning=str(info.get("server_conditioning", "label")),
-                        train=cc.train)
+                        train=cc.train, disclose=cc.disclose)
         doc = cfg.to_dict() | {"site": {"client_index": cc.client_index, "server": cc.server,
                                         "server_model_version": info.get("model_version", ""),
                                         "handoff_level": self.level, "client_levels": self.k}}
@@ -261,7 +270,9 @@ class ClientTrainer:
             logs["client_loss"] = loss.item()
         if (self.step + 1) % cc.upload_every == 0 and self.k < self.schedule.T:
             uidx = torch.randint(len(self.y), (cc.upload_batch,), generator=self.gen)
-            d = disclose(0, self.x[uidx], self.y[uidx], self.k, self.schedule, "exact", self.gen, self.share_labels)
+            noise = self.once.noise(uidx, self.level) if self.once is not None and self.level >= 0 else None
+            d = disclose(0, self.x[uidx], self.y[uidx], self.k, self.schedule, "exact", self.gen, self.share_labels,
+                         noise)
             new = self.upload(d.x, d.labels, f"step-{self.step + 1}")
             self.uploaded += 1
             self.duplicates += 0 if new else 1

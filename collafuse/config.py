@@ -195,6 +195,7 @@ class RunConfig:
     objective: str = "exact"
     exact_weighting: str = "eps-prime"
     train: TrainConfig = field(default_factory=TrainConfig)
+    disclose: str = "fresh"  # "fresh": a new noise draw per upload; "once": one keyed x_h per image (privacy_once)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "cut_ratios", tuple(float(c) if not isinstance(c, bool) else c for c in self.cut_ratios))
@@ -211,6 +212,10 @@ class RunConfig:
         _choice("objective", self.objective, OBJECTIVES)
         _choice("exact_weighting", self.exact_weighting, EXACT_WEIGHTINGS)
         _choice("server_conditioning", self.server_conditioning, SERVER_CONDITIONING)
+        _choice("disclose", self.disclose, ("fresh", "once"))
+        if self.disclose == "once" and self.objective == "shared-noise":
+            raise ConfigError("disclose 'once' keys the noise of x_h; objective 'shared-noise' sends (x_t, ε, t) "
+                              "instead and cannot use it — choose objective 'exact' or disclose 'fresh'")
         for name, m in (("client_model", self.client_model), ("server_model", self.server_model)):
             if m.sample_size != self.data.image_size:
                 raise ConfigError(
@@ -243,6 +248,7 @@ class RunConfig:
                 objective=d["objective"],
                 exact_weighting=d.get("exact_weighting", "eps-prime"),
                 train=TrainConfig(**d["train"]),
+                disclose=d.get("disclose", "fresh"),
             )
         except ConfigError:
             raise

@@ -78,11 +78,13 @@ def disclose(
     objective: str,
     gen: torch.Generator,
     share_labels: bool,
+    noise: torch.Tensor | None = None,
 ) -> Disclosure | None:
     """What the client with k local levels sends for clean images ``x0`` ``[B,C,H,W]`` (CPU).
 
     Returns None when the client runs every level (k = T: nothing to disclose). One fresh noise
-    draw per image from ``gen``.
+    draw per image from ``gen``, or ``noise`` when given (disclose-once: each image's keyed ε,
+    :mod:`collafuse.privacy_once`).
     """
     T = schedule.T
     if k >= T:
@@ -99,7 +101,7 @@ def disclose(
         raise ConfigError(f"unknown objective {objective!r}")
     if h < 0:
         return Disclosure(client, h, x0.clone(), lab)
-    eps = _randn(x0.shape, gen)
+    eps = _randn(x0.shape, gen) if noise is None else noise
     return Disclosure(client, h, schedule.add_noise(x0, eps, h), lab)
 
 

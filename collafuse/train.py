@@ -121,6 +121,12 @@ class SplitTrainer:
         self.step = 0
         self._x = [torch.from_numpy(c.train_images) for c in self.clients_data]
         self._y = [torch.from_numpy(c.train_labels) for c in self.clients_data]
+        self._once = None
+        if cfg.disclose == "once":  # one keyed x_h per image, reused every epoch (collafuse/privacy_once.py)
+            from .privacy_once import OnceNoise, load_or_create_secret
+
+            secret = load_or_create_secret(run_dir)
+            self._once = [OnceNoise(c.train_images, secret) for c in self.clients_data]
 
     def _state(self, name: str, mcfg) -> ModelState:
         return new_model_state(name, mcfg, self.cfg.train, self.device)
@@ -160,7 +166,8 @@ class SplitTrainer:
                 logs[f"client_{i}_loss"] = loss.item()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the shared-noise warning is given once per run
-                disclosures.append(disclose(i, x0, y, k, self.schedule, cfg.objective, self.gen, share))
+                noise = self._once[i].noise(idx, k - 1) if self._once is not None and 0 < k < T else None
+                disclosures.append(disclose(i, x0, y, k, self.schedule, cfg.objective, self.gen, share, noise))
         loss = server_update(self.server, disclosures, self.schedule, cfg, self.gen, self.device, self.autocast)
         if loss is not None:
             logs["server_loss"] = loss
