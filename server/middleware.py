@@ -138,7 +138,7 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
         m = state.metrics
         route = _route_label(request)
         m.requests.labels(route, request.method, str(resp.status)).inc()
-        if route == "/v1/train" and request.method == "POST":
+        if m.training and route == "/v1/train" and request.method == "POST":
             m.train_uploads.labels(str(resp.status), "accepted" if resp.status == 200 else code).inc()
         if request.content_length:
             m.bytes_in.inc(request.content_length)

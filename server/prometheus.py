@@ -52,8 +52,11 @@ class ServerMetrics:
     read with ``registry.get_sample_value``): the app's own registry in one process, or one that
     merges every worker's files in multiprocess mode."""
 
-    def __init__(self) -> None:
+    def __init__(self, training: bool = False) -> None:
+        """``training``: the server trains from uploads (``--train``); only then do the
+        ``collafuse_train_*`` families exist (a server that does not train has nothing to say there)."""
         self.multiprocess = multiprocess_enabled()
+        self.training = training
         if self.multiprocess:
             from prometheus_client import multiprocess
 
@@ -95,6 +98,15 @@ class ServerMetrics:
                                      "by result: ok (validated and in force) or failed (old tokens stay)",
                                      ["result"], registry=r)
         # training from client uploads (serve --train)
+        if training:
+            self._training_families(r)
+        self._model_version: str | None = None
+        self._trainer_seen: tuple[int, int] | None = None  # (trained batches, rows) last counted
+        self._loss_seen = 0
+        self._loss_ema = float("nan")
+        self._ckpt_time: float | None = None
+
+    def _training_families(self, r: CollectorRegistry) -> None:
         self.train_uploads = Counter("collafuse_train_uploads", "POST /v1/train answers by status and error code "
                                      "(accepted: queued for training)", ["status", "code"], registry=r)
         self.train_spool_batches = Gauge("collafuse_train_spool_pending_batches",
@@ -121,11 +133,6 @@ class ServerMetrics:
         self.train_ckpt_failing = Gauge("collafuse_train_checkpoint_failing",
                                         "1 while checkpoint writes fail (trained batches stay spooled)", registry=r,
                                         multiprocess_mode="livemax")
-        self._model_version: str | None = None
-        self._trainer_seen: tuple[int, int] | None = None  # (trained batches, rows) last counted
-        self._loss_seen = 0
-        self._loss_ema = float("nan")
-        self._ckpt_time: float | None = None
 
     # engine hooks
     def observe_step(self, rows: int, requests: int, seconds: float) -> None:

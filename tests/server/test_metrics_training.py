@@ -42,7 +42,7 @@ def _fake_trainer():
 
 
 def test_trainer_metrics_count_this_process_and_average_the_loss():
-    m = ServerMetrics()
+    m = ServerMetrics(training=True)
     tr = _fake_trainer()
     tr.trained, tr.trained_rows, tr.step, tr.losses = {"0/a", "0/b"}, 40, 7, [9.0]  # a resumed trainer
     m.watch_trainer(tr, checkpoint_time=None)
@@ -75,6 +75,11 @@ def test_trainer_metrics_count_this_process_and_average_the_loss():
     tr.checkpoint_error = "disk full"
     m.observe_trainer(tr)
     assert get("collafuse_train_checkpoint_failing") == 1
+
+
+def test_a_server_that_does_not_train_has_no_training_metrics():
+    text = ServerMetrics().render().decode()
+    assert "collafuse_train_" not in text and "collafuse_model_info" in text
 
 
 def test_model_info_names_the_served_version():
