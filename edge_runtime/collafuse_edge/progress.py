@@ -61,7 +61,10 @@ class Task:
 
     def finish(self, summary: str | None = None) -> None:
         with self._lock:
-            self.p.draw(summary or f"{self.label}: done in {time.perf_counter() - self.t0:.1f} s", final=True)
+            count = f" {self.done}/{self.total}" if self.total else ""
+            detail = f" {self.detail}" if self.detail else ""
+            self.p.draw(summary or f"{self.label}{count}{detail}: done in {time.perf_counter() - self.t0:.1f} s",
+                        final=True)
 
 
 class Progress:
