@@ -23,11 +23,13 @@ training of :class:`collafuse.train.SplitTrainer` at c = 1 (tested).
     res.models[0]           # the model client 0 generates with (the global EMA model)
     res.cost.to_dict()      # FLOPs, bytes on the wire, wall time, peak memory per client
 
-Why not Flower: ``flwr``'s simulation engine runs every client as a Ray actor (ray, grpcio,
-protobuf and cryptography come with it); on a 2-core CPU the actor processes and the
-serialisation of every round's weights cost more than these tiny models' local steps, and the
-in-process loop is one page that runs on the same code (losses, models, schedule) as the
-CollaFuse arms — which is what makes the comparison fair.
+Why not Flower: ``flwr[simulation]`` 1.42 resolves to 61 packages (ray, grpcio, protobuf,
+cryptography, fastapi, uvicorn, SQLAlchemy, …) and runs every client as a Ray actor process. On
+a 2-core CPU the actor processes and the serialisation of every round's weights would cost more
+than the tiny models' local steps, and the in-process loop is one page that runs on the same
+code (losses, models, schedule, data splits) as the CollaFuse arms, which is what makes the
+comparison fair. Nothing here depends on being in one process: only weights cross between a
+client and the server, once per round each way, as :class:`FedAvgCost` counts.
 """
 from __future__ import annotations
 
