@@ -21,7 +21,7 @@ training of :class:`collafuse.train.SplitTrainer` at c = 1 (tested).
     from collafuse.fedavg import train_fedavg
     res = train_fedavg([c0, c1, c2], model_config, schedule, steps=600, local_steps=10, seed=0)
     res.models[0]           # the model client 0 generates with (the global EMA model)
-    res.cost.to_dict()      # FLOPs, bytes on the wire, wall time, peak memory per client
+    res.cost.to_dict()      # FLOPs, bytes on the wire and wall time per client (memory: collafuse.client_cost)
 
 Why not Flower: ``flwr[simulation]`` 1.42 resolves to 61 packages (ray, grpcio, protobuf,
 cryptography, fastapi, uvicorn, SQLAlchemy, …) and runs every client as a Ray actor process. On
