@@ -243,6 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .metrics.cli import add_evaluate_parser
 
     add_evaluate_parser(sub)
+    from .distill_cli import add_distill_parser
+
+    add_distill_parser(sub)
     from .privacy import add_privacy_parser
 
     add_privacy_parser(sub)

@@ -70,6 +70,7 @@ class EvalConfig:
     threads: int | None = 1  # torch/onnxruntime threads while evaluating (None: leave torch's setting)
     feature_net: str | None = None  # user-supplied feature network file; None: the project's classifier
     feature_cache: str | None = None  # where the project's classifier is cached; None: ~/.cache/collafuse/feature-nets
+    student: str | None = None  # a distilled few-step student (student_n{N}.json) replacing its client's model
     kd_subsets: int = 100  # KD is averaged over this many random subsets
     seed: int = 0
     device: str = "cpu"
@@ -221,6 +222,9 @@ def evaluate_client(run: LoadedRun, client: int, truth: ClientData, ec: EvalConf
     T, k = sched.T, cfg.client_levels[client]
     share = cfg.server_conditioning == "label"
     sc = ec.sample_config(k, T)
+    distilled = getattr(run.clients[client], "distilled_steps", None)
+    if distilled is not None:  # a few-step student: N calls on its own timetable (cost and latency count those)
+        sc = dataclasses.replace(sc, client_steps=distilled)
     if len(truth.test_images) < 2:
         raise ConfigError(f"client {truth.index} has {len(truth.test_images)} held-out images; need ≥ 2 for quality "
                           "metrics (use a larger test_fraction)")
@@ -303,6 +307,11 @@ def evaluate_run(run: str | LoadedRun, ec: EvalConfig = EvalConfig(), *, out_dir
     with torch_threads(ec.threads):
         if isinstance(run, str):
             run = load_run(run, device=ec.device)
+        if ec.student is not None:  # the student replaces its client's model (and runs its own timetable)
+            from .distill import load_student
+
+            st = load_student(ec.student, run, device=ec.device)
+            run = dataclasses.replace(run, clients=[st.model if i == st.client else m for i, m in enumerate(run.clients)])
         ext, info = extractor if extractor is not None else feature_extractor(run, ec)
         cfg = run.config
         truths = partition(load_dataset(cfg.data.source, cfg.data.image_size), cfg.data)

@@ -101,7 +101,8 @@ def split_sample(
     """Sample ``n`` images: server levels T-1 … k from x_{T-1} = initial_noise(seed), then the
     client's levels k-1 … 0. ``labels`` condition the client model; ``server_labels`` the
     server model (pass None when labels are not shared). ``*_steps`` thin the timetables (DDIM);
-    the handoff level k-1 is always hit exactly.
+    the handoff level k-1 is always hit exactly. A distilled student as ``client_model`` (it
+    carries ``distilled_timetable``) runs its own N deterministic DDIM steps instead.
     """
     if not (0 <= k <= schedule.T):
         raise InputError(f"k must lie in [0, {schedule.T}], got {k}")
@@ -109,6 +110,11 @@ def split_sample(
     x = run_levels(server_model, schedule, x, server_timetable(schedule.T, k, server_steps),
                    server_labels, sampler=sampler, eta=eta, seed=seed, progress=progress, desc="server")
     handoff = x.clone()
-    x = run_levels(client_model, schedule, x, client_timetable(k, client_steps), labels,
-                   sampler=sampler, eta=eta, seed=seed, progress=progress, desc="client")
+    distilled = getattr(client_model, "distilled_timetable", None)
+    if distilled is not None:  # a few-step student (collafuse.distill.load_student): its own timetable
+        x = run_levels(client_model, schedule, x, distilled, labels, sampler="ddim", eta=0.0, seed=seed,
+                       progress=progress, desc="client (distilled)")
+    else:
+        x = run_levels(client_model, schedule, x, client_timetable(k, client_steps), labels,
+                       sampler=sampler, eta=eta, seed=seed, progress=progress, desc="client")
     return SplitSample(handoff=handoff, images=x, handoff_level=k - 1)

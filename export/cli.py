@@ -45,6 +45,9 @@ def add_export_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
     p.add_argument("--atol", type=float, default=1e-4, help="validation tolerance vs torch (absolute)")
     p.add_argument("--rtol", type=float, default=1e-3, help="validation tolerance vs torch (relative)")
     p.add_argument("--no-speed", action="store_true", help="skip timing a variant against fp32")
+    p.add_argument("--student", default=None, metavar="JSON",
+                   help="export a few-step student of this client instead (the student_n{N}.json written by "
+                        "`collafuse distill`); the bundle records its sampler and N-level timetable")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle at --out")
     p.add_argument("--json", action="store_true", help="print the manifest summary as JSON")
     p.set_defaults(func=cmd_export)
@@ -57,7 +60,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     cfg = ExportConfig(precision=args.precision, opset=args.opset, exporter=args.exporter,
                        atol=args.atol, rtol=args.rtol, measure_speed=not args.no_speed)
-    result = export_client(args.run, args.client, args.out, cfg, overwrite=args.overwrite)
+    result = export_client(args.run, args.client, args.out, cfg, overwrite=args.overwrite, student=args.student)
     m = result.manifest
     summary = {
         "bundle": str(result.bundle_dir), "precision": m["precision"], "exporter": m["model"]["exporter"],
@@ -78,6 +81,10 @@ def cmd_export(args: argparse.Namespace) -> int:
                   f"{g['sample_mean_abs']:.3g}, PSNR {float(g['sample_psnr_db']):.1f} dB — passed")
         if summary["speed"]:
             print(f"speed: {summary['speed']}")
+        if m.get("sampler"):
+            sm = m["sampler"]
+            print(f"distilled student ({sm.get('method')}): {sm['steps']} model call(s) per image at levels "
+                  f"{sm['levels']}; collafuse-edge runs exactly these steps")
     return 0
 
 

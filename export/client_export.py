@@ -6,9 +6,13 @@ import os
 from .errors import ExportError
 
 
-def export_client(run_dir: str, client: int, out_dir: str, config=None, *, overwrite: bool = False):
+def export_client(run_dir: str, client: int, out_dir: str, config=None, *, overwrite: bool = False,
+                  student: str | None = None):
     """Export client ``client`` of the run in ``run_dir`` (its EMA weights, its cut ratio;
-    its own training images calibrate int8 and feed the quality gate). Returns an ExportResult."""
+    its own training images calibrate int8 and feed the quality gate). Returns an ExportResult.
+
+    ``student``: a ``student_n{N}.json`` from ``collafuse distill`` for this client; the bundle then
+    holds the few-step student and records its sampler ("distilled", N levels)."""
     from collafuse.checkpoint import load_run
 
     from .exporter import ExportConfig, export_bundle
@@ -32,9 +36,25 @@ def export_client(run_dir: str, client: int, out_dir: str, config=None, *, overw
     source = {"run": os.path.abspath(run_dir), "client": client, "step": run.step}
     if run.site is not None:
         source["site_of"] = {"server": run.site.get("server"), "server_model_version": run.model_version}
-    return export_bundle(run.clients[client], run.schedule, run.config.cut_ratios[client], out_dir,
+    model, sampler = run.clients[client], None
+    if student is not None:
+        from collafuse.distill import load_student
+        from collafuse.errors import ConfigError
+        from collafuse_edge.bundle import sampler_section
+
+        st = load_student(student, run)  # a wrong or damaged student is bad input (ConfigError, exit 2)
+        if st.client != client:
+            raise ConfigError(f"student {student!r} was distilled for client {st.client}, not client {client}; "
+                              f"pass --client {st.client} or that client's student")
+        model = st.model
+        teacher = st.meta.get("teacher") or {}  # no paths of the exporting machine in the manifest
+        sampler = sampler_section(st.steps, st.client_levels, method=st.meta.get("method"),
+                                  teacher={k: teacher.get(k) for k in ("step", "checkpoint", "sampler")},
+                                  student_sha256=st.meta.get("weights_sha256"))
+        source["student"] = os.path.basename(student)
+    return export_bundle(model, run.schedule, run.config.cut_ratios[client], out_dir,
                          config=config, calibration_images=images, calibration_labels=labels,
-                         source=source, overwrite=overwrite)
+                         source=source, overwrite=overwrite, sampler=sampler)
 
 
 __all__ = ["export_client"]

@@ -140,12 +140,15 @@ def export_bundle(
     calibration_labels: np.ndarray | None = None,
     source: dict | None = None,
     overwrite: bool = False,
+    sampler: dict | None = None,
 ) -> ExportResult:
     """Export ``unet`` (a client's diffusers ``UNet2DModel``) for cut ratio ``cut_ratio``.
 
     ``calibration_images`` ``[N,C,H,W]`` in [-1, 1] (the client's own training images, with
     ``calibration_labels`` ``[N]``) calibrate int8 and feed the quality gate; int8 requires them.
     ``source`` is recorded in the manifest (e.g. run directory, client index, training step).
+    ``sampler`` (:func:`collafuse_edge.bundle.sampler_section`) marks ``unet`` as a distilled
+    few-step student: the bundle records its timetable and the edge runs exactly those steps.
     """
     cfg = config
     out = Path(out_dir)
@@ -182,8 +185,9 @@ def export_bundle(
         if cfg.precision == "fp32":
             shutil.copyfile(info.path, bundle_dir / MODEL_FILE)
         else:
+            gate_sampler = SamplerConfig("distilled", int(sampler["steps"])) if sampler else SamplerConfig()
             extra.update(_make_variant(cfg, info.path, bundle_dir / MODEL_FILE, schedule, k, image_shape,
-                                       num_classes, calibration_images, calibration_labels))
+                                       num_classes, calibration_images, calibration_labels, gate_sampler))
         extra["producer"] = producer_versions()
         extra["created_utc"] = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
         if source:
@@ -191,7 +195,7 @@ def export_bundle(
         manifest = build_manifest(
             model_file=MODEL_FILE, files=[file_entry(bundle_dir, MODEL_FILE)], image_shape=image_shape,
             num_classes=num_classes, schedule=schedule, cut_ratio=cut_ratio, precision=cfg.precision,
-            model_info=model_info, extra=jsonable(extra),
+            model_info=model_info, extra=jsonable(extra), sampler=jsonable(sampler) if sampler else None,
         )
         write_manifest(bundle_dir, manifest)
         load_bundle(bundle_dir)  # the runtime's reader must accept what we wrote
@@ -211,7 +215,8 @@ def _validation_levels(k: int) -> list[int]:
 
 def _make_variant(cfg: ExportConfig, fp32: Path, dst: Path, schedule: Schedule, k: int,
                   image_shape: tuple[int, int, int], num_classes: int | None,
-                  images: np.ndarray | None, labels: np.ndarray | None) -> dict:
+                  images: np.ndarray | None, labels: np.ndarray | None,
+                  sampler: SamplerConfig = SamplerConfig()) -> dict:
     gate_data = "client images"
     if images is None:  # fp16 without client data: a uniform-noise stand-in
         images = np.random.default_rng(cfg.seed).uniform(-1, 1, (64, *image_shape)).astype(np.float32)
@@ -225,7 +230,7 @@ def _make_variant(cfg: ExportConfig, fp32: Path, dst: Path, schedule: Schedule, 
     handoff, hl = handoff_samples(schedule, k, images, labels, num_classes, cfg.gate_images, seed=cfg.seed + 2)
     gate = quality_gate(fp32, dst, precision=cfg.precision, schedule=schedule, client_levels=k,
                         eval_inputs=evals, handoff=handoff, handoff_labels=hl,
-                        thresholds=cfg.gate or DEFAULT_GATES[cfg.precision], sampler=SamplerConfig(),
+                        thresholds=cfg.gate or DEFAULT_GATES[cfg.precision], sampler=sampler,
                         seed=cfg.seed)
     gate["data"] = gate_data
     out = {"variant": {"precision": cfg.precision, **details}, "quality_gate": gate}

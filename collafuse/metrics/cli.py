@@ -48,6 +48,9 @@ def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
     p.add_argument("--feature-cache", default=None, metavar="DIR",
                    help="cache of the project's classifier (default ~/.cache/collafuse/feature-nets)")
     p.add_argument("--kd-subsets", type=int, default=100)
+    p.add_argument("--student", default=None, metavar="JSON",
+                   help="a distilled few-step student (student_n{N}.json from `collafuse distill`): its client is "
+                        "evaluated with the student and its N-step timetable instead of the client model")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true", help="print the whole report as JSON instead of a table")
@@ -65,7 +68,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                     num_disclosed=args.disclosed, attack=not args.no_attack,
                     latency=args.latency or ("edge" if args.bundle else "torch"), bundle=args.bundle,
                     threads=args.threads, feature_net=args.feature_net, feature_cache=args.feature_cache,
-                    kd_subsets=args.kd_subsets, seed=args.seed, device=str(resolve_device(args.device)))
+                    kd_subsets=args.kd_subsets, seed=args.seed, device=str(resolve_device(args.device)),
+                    student=args.student)
     out = args.out or os.path.join(args.run, "eval")
     report = evaluate_run(args.run, ec, out_dir=out, progress=not args.json)
     if args.json:

@@ -16,7 +16,6 @@ import numpy as np
 from .noise import initial_noise
 from .sampler import SamplerConfig
 from .runtime import EdgeRuntime, Handoff
-from .schedule import client_timetable
 
 
 @dataclass(frozen=True)
@@ -76,7 +75,7 @@ def bench_runtime(
         rows.append(_timing("call", n, 1, time_runs(lambda: rt.denoiser(x, t, lab), runs=call_runs,
                                                     warmup=10, budget_s=budget_s)))
         h = Handoff(x, b.handoff_level, seed=0)
-        levels = len(client_timetable(b.client_levels, sampler.steps))
+        levels = len(b.sampler_for(sampler).timetable(b.client_levels))
         rows.append(_timing("loop", n, levels, time_runs(lambda: rt.finish(h, lab, sampler=sampler),
                                                          runs=loop_runs, warmup=1, budget_s=budget_s)))
     return rows

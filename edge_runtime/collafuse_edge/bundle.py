@@ -27,11 +27,15 @@ from typing import Any
 
 from .errors import BundleError, ScheduleError
 from .files import atomic_write_text, sha256_file  # sha256_file: also importable from here, as before
-from .schedule import Schedule, client_level_count
+from .sampler import SamplerConfig
+from .schedule import DISTILLED, Schedule, client_level_count, distilled_timetable
 from .validation import is_int
 
 FORMAT_NAME = "collafuse-edge-bundle"
-FORMAT_VERSION = 1
+# 2 adds the optional "sampler" section (a distilled few-step student and its timetable);
+# a version-1 manifest is the same document without it and still reads.
+FORMAT_VERSION = 2
+READABLE_VERSIONS: tuple[int, ...] = (1, 2)
 MANIFEST_NAME = "manifest.json"
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8")
 BATCH_DIM = "batch"  # the symbolic name of the dynamic batch axis (axis 0 of every tensor)
@@ -84,6 +88,18 @@ class Bundle:
     handoff_level: int  # k-1: the level of the sample the server hands over
     precision: str
     manifest: dict
+    # a distilled student's sampler (its "sampler" section); None: an ordinary client model
+    sampler: SamplerConfig | None = None
+
+    @property
+    def distilled(self) -> bool:
+        return self.sampler is not None
+
+    def sampler_for(self, requested: SamplerConfig) -> SamplerConfig:
+        """The sampler this bundle's model runs: a distilled student always runs its own
+        timetable (the model was trained for exactly those levels); an ordinary model runs what
+        the caller asked for."""
+        return self.sampler if self.sampler is not None else requested
 
     @property
     def conditional(self) -> bool:
@@ -148,6 +164,7 @@ class Bundle:
             "client_levels": self.client_levels,
             "handoff_level": self.handoff_level,
             "local_only": self.local_only,
+            "sampler": m.get("sampler"),
             "inputs": [s.to_dict() for s in self.inputs],
             "outputs": [s.to_dict() for s in self.outputs],
             "exporter": m.get("model", {}).get("exporter"),
@@ -232,7 +249,7 @@ def _tensor_specs(raw: Any, expected: dict[str, str], kind: str, image_shape: tu
 
 
 def parse_manifest(doc: Any, where: Path) -> dict:
-    """Check a parsed manifest document against format version 1; returns the fields the
+    """Check a parsed manifest document against format versions 1 and 2; returns the fields the
     :class:`Bundle` needs. Raises :class:`BundleError` naming the first problem found."""
     if not isinstance(doc, dict):
         raise _fail(where, f"{MANIFEST_NAME} must hold a JSON object, got {type(doc).__name__}")
@@ -243,7 +260,7 @@ def parse_manifest(doc: Any, where: Path) -> dict:
     version = doc.get("format_version")
     if not is_int(version):
         raise _fail(where, f"format_version must be an integer, got {version!r}")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         newer = version > FORMAT_VERSION
         raise _fail(
             where,
@@ -316,11 +333,42 @@ def parse_manifest(doc: Any, where: Path) -> dict:
     precision = _get(doc, "precision", str, where)
     if precision not in PRECISIONS:
         raise _fail(where, f"precision {precision!r} is unknown; expected one of {', '.join(PRECISIONS)}")
+    sampler = None
+    if "sampler" in doc:
+        if version < 2:
+            raise _fail(where, "a 'sampler' section needs format_version 2; re-export the bundle")
+        sampler = _parse_sampler(doc["sampler"], k, where)
     return dict(
         files=tuple(files), model_file=model_file, inputs=inputs, outputs=outputs,
         image_shape=image_shape, num_classes=num_classes, schedule=schedule,
-        cut_ratio=float(cut), client_levels=k, handoff_level=k - 1, precision=precision,
+        cut_ratio=float(cut), client_levels=k, handoff_level=k - 1, precision=precision, sampler=sampler,
     )
+
+
+def sampler_section(steps: int, client_levels: int, **info: Any) -> dict:
+    """The manifest's ``sampler`` section of a distilled student of ``steps`` steps on a client of
+    ``client_levels`` levels (``info``: method, teacher, … recorded alongside)."""
+    levels = distilled_timetable(client_levels, steps).levels
+    return {"kind": DISTILLED, "steps": int(steps), "levels": [int(v) for v in levels], "step": "ddim, eta 0", **info}
+
+
+def _parse_sampler(raw: Any, k: int, where: Path) -> SamplerConfig:
+    """The ``sampler`` section: a distilled student's step count and the levels it was trained on,
+    which must be exactly :func:`schedule.distilled_timetable` of this bundle's cut."""
+    if not isinstance(raw, dict):
+        raise _fail(where, f"manifest field 'sampler' must be an object, got {type(raw).__name__}")
+    kind = _get(raw, "kind", str, where, "manifest sampler")
+    if kind != DISTILLED:
+        raise _fail(where, f"sampler kind {kind!r:.40} is unknown; this collafuse-edge runs {DISTILLED!r} bundles")
+    steps = _get(raw, "steps", int, where, "manifest sampler")
+    if not (1 <= steps <= k):
+        raise _fail(where, f"sampler steps must lie in [1, {k}] (the client's levels), got {steps}")
+    levels = _get(raw, "levels", list, where, "manifest sampler")
+    expected = [int(v) for v in distilled_timetable(k, steps).levels]
+    if levels != expected or not all(is_int(v) for v in levels):
+        raise _fail(where, f"sampler levels {levels!r:.120} are not the {steps}-step timetable of a client with "
+                           f"{k} levels ({expected}); the manifest was edited or written by another tool")
+    return SamplerConfig(DISTILLED, steps)
 
 
 def verify_files(bundle_dir: Path, files: tuple[FileEntry, ...], hashes: bool = True) -> None:
@@ -387,8 +435,9 @@ def build_manifest(
     precision: str,
     model_info: dict | None = None,
     extra: dict | None = None,
+    sampler: dict | None = None,
 ) -> dict:
-    """A format-1 manifest document. ``model_info`` adds to the ``model`` section (exporter,
+    """A manifest document (the current format version). ``model_info`` adds to the ``model`` section (exporter,
     opset, …); ``extra`` adds top-level sections (tolerance, validation, producer, …)."""
     k = client_level_count(cut_ratio, schedule.T)
     inputs, outputs = model_io(image_shape, num_classes)
@@ -410,6 +459,8 @@ def build_manifest(
         "handoff_level": k - 1,
         "precision": precision,
     }
+    if sampler is not None:  # a distilled student: sampler_section(...)
+        doc["sampler"] = sampler
     for key, value in (extra or {}).items():
         if key in doc:
             raise ValueError(f"extra manifest section {key!r} would overwrite a required field")

@@ -147,8 +147,9 @@ class EdgeRuntime:
         """
         x = self.check_handoff(handoff)
         lab = self.labels_for(x.shape[0], handoff.labels if labels is None else labels)
+        # a distilled bundle runs its own few-step timetable whatever the caller's sampler says
         return finish(self._denoise, self.bundle.schedule, x, self.bundle.client_levels, lab,
-                      sampler, seed=handoff.seed, callback=callback)
+                      self.bundle.sampler_for(sampler), seed=handoff.seed, callback=callback)
 
     def local_handoff(self, n: int, seed: int = 0) -> Handoff:
         """For a c = 1 bundle: the pure noise x_{T-1} a purely local chain starts from."""

@@ -20,7 +20,8 @@ import numpy as np
 
 from .errors import InputError
 from .noise import StepNoiseAhead
-from .schedule import SAMPLERS, Schedule, Timetable, client_timetable, needs_noise, step_coefficients
+from .schedule import (DISTILLED, SAMPLERS, Schedule, Timetable, client_timetable, distilled_timetable, needs_noise,
+                       step_coefficients)
 from .validation import check_int
 
 # ε̂ = denoise(sample [B,C,H,W] f32, timestep [B] i64, class_labels [B] i64 | None) → [B,C,H,W] f32
@@ -31,20 +32,37 @@ StepCallback = Callable[[int, int, np.ndarray], None]
 
 @dataclass(frozen=True)
 class SamplerConfig:
-    """Which reverse process the client runs over its levels k-1 … 0."""
+    """Which reverse process the client runs over its levels k-1 … 0.
 
-    sampler: str = "ddpm"  # "ddpm" (ancestral, every level) or "ddim"
+    ``"distilled"`` is a few-step student's sampler: deterministic DDIM steps (eta = 0) over the
+    ``steps`` levels of :func:`schedule.distilled_timetable` (what a distilled bundle records).
+    """
+
+    sampler: str = "ddpm"  # "ddpm" (ancestral, every level), "ddim" or "distilled"
     steps: int | None = None  # levels evaluated; None = all k. Fewer thin the timetable (DDIM)
     eta: float = 0.0  # DDIM stochasticity (0 = deterministic); ignored by DDPM
 
     def __post_init__(self) -> None:
-        if self.sampler not in SAMPLERS:
-            raise InputError(f"sampler must be one of {', '.join(SAMPLERS)}; got {self.sampler!r}")
+        if self.sampler not in SAMPLERS + (DISTILLED,):
+            raise InputError(f"sampler must be one of {', '.join(SAMPLERS + (DISTILLED,))}; got {self.sampler!r}")
         check_int("steps", self.steps, low=1, allow_none=True)
         if not (self.eta >= 0):
             raise InputError(f"eta must be ≥ 0, got {self.eta!r}")
         if self.sampler == "ddpm" and self.eta != 0:
             raise InputError("eta only applies to the ddim sampler; leave it at 0 for ddpm")
+        if self.sampler == DISTILLED and (self.steps is None or self.eta != 0):
+            raise InputError("the distilled sampler needs its number of steps and runs with eta = 0")
+
+    def timetable(self, client_levels: int) -> Timetable:
+        """The levels this sampler evaluates on a client of ``client_levels`` levels."""
+        if self.sampler == DISTILLED:
+            return distilled_timetable(client_levels, self.steps)
+        return client_timetable(client_levels, self.steps)
+
+    @property
+    def step_kind(self) -> str:
+        """The step formula: "ddpm" or "ddim" (a distilled student takes DDIM steps)."""
+        return "ddim" if self.sampler == DISTILLED else self.sampler
 
 
 @dataclass(frozen=True)
@@ -146,6 +164,6 @@ def finish(
     callback: StepCallback | None = None,
 ) -> np.ndarray:
     """Finish handoff samples ``[B,C,H,W]`` (at level ``client_levels - 1``) to clean images."""
-    tt = client_timetable(client_levels, config.steps)
-    return run_levels(denoise, schedule, handoff, tt, labels, sampler=config.sampler,
+    tt = config.timetable(client_levels)
+    return run_levels(denoise, schedule, handoff, tt, labels, sampler=config.step_kind,
                       eta=config.eta, seed=seed, callback=callback)

@@ -31,6 +31,9 @@ from .validation import check_int, is_number
 BetaScheduleName = Literal["linear", "cosine"]
 BETA_SCHEDULES: tuple[str, ...] = ("linear", "cosine")
 SAMPLERS: tuple[str, ...] = ("ddpm", "ddim")
+# A distilled client runs its student over the timetable its bundle records, each step a
+# deterministic DDIM step (eta = 0): see :func:`distilled_timetable`.
+DISTILLED = "distilled"
 
 
 def make_betas(
@@ -290,6 +293,17 @@ def client_timetable(k: int, steps: int | None = None) -> Timetable:
     """Levels k-1 … 0 (``steps`` of them, the handoff level k-1 always first), ending at the
     clean image."""
     return Timetable(_spaced(k - 1, 0, steps), end=-1)
+
+
+def distilled_timetable(k: int, steps: int) -> Timetable:
+    """The timetable of a distilled (few-step) client: ``steps`` levels at the fractions
+    (steps-i)/steps of the client's segment, ``round(k·(steps-i)/steps) - 1`` for i = 0 … steps-1,
+    ending at the clean image. The handoff level k-1 is first, and the timetable of n steps is
+    contained in that of 2n (every other level), which progressive distillation relies on."""
+    check_int("k (client levels)", k, low=1, error=ScheduleError)
+    check_int("steps", steps, low=1, high=k, error=ScheduleError)
+    lv = [int(math.floor(k * (steps - i) / steps + 0.5)) - 1 for i in range(steps)]
+    return Timetable(np.asarray(lv, dtype=np.int64), end=-1)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,177 @@
+"""Distillation of a client's segment into a few-step student (collafuse.distill): the timetable,
+the target maths, a tiny progressive and consistency run, resume bit for bit, the CLI, and
+``collafuse evaluate``'s sampler choice for a student."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from collafuse.cli import main
+from collafuse.distill import (DistillConfig, Distiller, ddim_target_x0, distill, load_student, stages,
+                               student_finish, student_paths)
+from collafuse.errors import ConfigError
+from collafuse.sampling import split_sample
+from collafuse.train import train
+from collafuse_edge.errors import ScheduleError
+from collafuse_edge.schedule import Schedule, ddim_step, distilled_timetable
+from tiny_runs import tiny_run_config
+
+TINY = dict(client=0, teacher_steps=8, start_steps=2, iters=3, batch_size=8, checkpoint_every=2)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("distill") / "run")
+    train(tiny_run_config(steps=2), d)
+    return d
+
+
+@pytest.mark.parametrize("k", [1, 7, 30, 200, 600])
+def test_distilled_timetable_starts_at_handoff_is_nested_and_distinct(k):
+    for n in (1, 2, 4, 8):
+        if n > k:
+            with pytest.raises(ScheduleError):
+                distilled_timetable(k, n)
+            continue
+        lv = distilled_timetable(k, n).levels
+        assert lv[0] == k - 1 and len(lv) == n and lv[-1] >= 0
+        assert np.all(np.diff(lv) < 0)
+        if 2 * n <= k:  # progressive distillation: the n-step timetable is every other level of 2n
+            assert np.array_equal(distilled_timetable(k, 2 * n).levels[::2], lv)
+
+
+def test_ddim_target_lands_exactly_where_the_teacher_landed():
+    s = Schedule.create(1000, clip_sample=False)
+    g = torch.Generator().manual_seed(0)
+    x_t = torch.randn(6, 1, 4, 4, generator=g, dtype=torch.float64)
+    x0 = torch.randn(6, 1, 4, 4, generator=g, dtype=torch.float64)
+    t = torch.tensor([599, 599, 300, 300, 10, 10])
+    prev = torch.tensor([299, -1, 150, -1, 4, -1])
+    ab = torch.from_numpy(s.alpha_bar(t.numpy())).view(-1, 1, 1, 1)
+    eps = (x_t - ab.sqrt() * x0) / (1 - ab).sqrt()  # the ε that predicts x0 from x_t
+    x_s = ddim_step(s, x_t, eps, t.numpy(), prev.numpy())
+    target = ddim_target_x0(s, x_t.float(), x_s.float(), t, prev).double()
+    assert torch.allclose(target, x0, atol=2e-4)
+
+
+def test_stages_halve_to_n_and_reject_bad_settings():
+    assert [(s.student_steps, s.substeps) for s in stages(DistillConfig(steps=1), 600)] == \
+        [(8, 8), (4, 2), (2, 2), (1, 2)]
+    assert [s.teacher for s in stages(DistillConfig(steps=4), 600)] == ["model", "student_n8"]
+    assert len(stages(DistillConfig(steps=4, method="consistency"), 600)) == 1
+    for bad in (dict(steps=3), dict(method="x"), dict(steps=4, start_steps=12), dict(iters=0),
+                dict(teacher_steps=12, start_steps=8), dict(ema_decay=1.0), dict(lr=float("nan"))):
+        with pytest.raises(ConfigError):
+            DistillConfig(**bad)
+
+
+def test_progressive_run_writes_every_stage_and_samples(tiny_run, tmp_path):
+    res = distill(tiny_run, DistillConfig(steps=1, **TINY), str(tmp_path / "pd"), progress=False)
+    assert sorted(res.students) == [1, 2] and res.step == 6
+    st = load_student(res.students[1])
+    meta = json.load(open(res.students[1]))
+    assert meta["method"] == "progressive" and meta["levels"] == [29] and meta["client_levels"] == 30
+    assert st.steps == 1 and st.timetable.levels.tolist() == [29]
+    x = torch.randn(3, 1, 16, 16)
+    out = student_finish(st, st_schedule(tiny_run), x, torch.tensor([0, 1, 2]))
+    assert out.shape == x.shape and torch.isfinite(out).all() and out.abs().max() <= 1.0 + 1e-6
+    # the student weights moved away from the teacher (it was trained), and are finite
+    teacher = load_file(os.path.join(tiny_run, "checkpoints", open(os.path.join(tiny_run, "LATEST")).read().strip(),
+                                     "client_0.safetensors"))
+    student = load_file(student_paths(str(tmp_path / "pd"), 1)[1])
+    assert any(not torch.equal(teacher[k], student[k]) for k in teacher)
+
+
+def st_schedule(run_dir):
+    from collafuse.checkpoint import read_config
+
+    return read_config(run_dir).schedule.build()
+
+
+def test_resume_continues_bit_for_bit(tiny_run, tmp_path, monkeypatch):
+    dc = DistillConfig(steps=1, **TINY)
+    distill(tiny_run, dc, str(tmp_path / "a"), progress=False)
+    calls = {"n": 0}
+    real = Distiller.train_step
+
+    def dying(self):
+        calls["n"] += 1
+        if calls["n"] == 4:  # after the checkpoint at step 2 and the stage change at 3
+            raise KeyboardInterrupt
+        return real(self)
+
+    monkeypatch.setattr(Distiller, "train_step", dying)
+    with pytest.raises(KeyboardInterrupt):
+        distill(tiny_run, dc, str(tmp_path / "b"), progress=False)
+    monkeypatch.setattr(Distiller, "train_step", real)
+    res = distill(tiny_run, dc, str(tmp_path / "b"), resume=True, progress=False)
+    assert res.step == 6
+    a, b = (load_file(student_paths(str(tmp_path / d), 1)[1]) for d in ("a", "b"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ConfigError, match="other settings"):
+        distill(tiny_run, DistillConfig(steps=1, **{**TINY, "iters": 4}), str(tmp_path / "b"), resume=True,
+                progress=False)
+
+
+def test_consistency_run_serves_every_n(tiny_run, tmp_path):
+    res = distill(tiny_run, DistillConfig(steps=2, method="consistency", **{**TINY, "start_steps": 2}),
+                  str(tmp_path / "cd"), progress=False)
+    assert sorted(res.students) == [1, 2] and res.step == 3
+    assert json.load(open(res.students[2]))["method"] == "consistency"
+
+
+def test_student_runs_its_own_timetable_in_split_sampling(tiny_run, tmp_path):
+    from collafuse.checkpoint import load_run
+
+    res = distill(tiny_run, DistillConfig(steps=2, **TINY), str(tmp_path / "s"), progress=False)
+    run = load_run(tiny_run)
+    st = load_student(res.students[2], run)
+    kw = dict(shape=(1, 16, 16), labels=[1, 2], server_labels=[1, 2], sampler="ddim", server_steps=5,
+              client_steps=20, seed=3)
+    s = split_sample(run.server, st.model, run.schedule, 30, 2, **kw)
+    direct = student_finish(st, run.schedule, s.handoff, torch.tensor([1, 2]), seed=3)
+    assert torch.equal(s.images, direct)
+
+
+def test_load_student_refuses_a_tampered_or_foreign_student(tiny_run, tmp_path):
+    from collafuse.checkpoint import load_run
+
+    res = distill(tiny_run, DistillConfig(steps=1, **TINY), str(tmp_path / "t"), progress=False)
+    path = res.students[1]
+    run = load_run(tiny_run)
+    meta = json.load(open(path))
+    bad = dict(meta, client=1)  # client 1 has 20 levels, the student 30
+    p2 = tmp_path / "t" / "foreign.json"
+    p2.write_text(json.dumps(bad))
+    with pytest.raises(ConfigError, match="distilled for client 1"):
+        load_student(str(p2), run)
+    p3 = tmp_path / "t" / "levels.json"
+    p3.write_text(json.dumps(dict(meta, levels=[28])))
+    with pytest.raises(ConfigError, match="timetable"):
+        load_student(str(p3))
+    w = student_paths(str(tmp_path / "t"), 1)[1]
+    with open(w, "r+b") as f:
+        f.seek(-1, 2)
+        f.write(b"\x00" if f.read(1) != b"\x00" else b"\x01")
+    with pytest.raises(ConfigError, match="sha256"):
+        load_student(path)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_student(str(tmp_path / "nope.json"))
+
+
+def test_cli_distils_and_validates(tiny_run, tmp_path, capsys):
+    out = str(tmp_path / "cli")
+    rc = main(["distill", "--run", tiny_run, "--client", "1", "--steps", "2", "--teacher-steps", "8",
+               "--start-steps", "4", "--iters", "2", "--batch-size", "4", "--out", out])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "N=2" in text and "N=4" in text and os.path.isfile(os.path.join(out, "student_n2.json"))
+    assert main(["distill", "--run", tiny_run, "--client", "7", "--steps", "2"]) == 2
+    assert "holds no client model 7" in capsys.readouterr().err
+    assert main(["distill", "--run", tiny_run, "--client", "0", "--steps", "2", "--start-steps", "3"]) == 2
+    with pytest.raises(SystemExit) as e:
+        main(["distill", "--run", tiny_run, "--client", "0", "--steps", "3"])
+    assert e.value.code == 2
