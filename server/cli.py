@@ -30,27 +30,27 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     )
     p.add_argument("--run", metavar="DIR", help="a trained run directory")
     p.add_argument("--config", metavar="FILE", help="server config (.json or .toml): [server] options and [[tokens]]")
-    p.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=None, help="port (default 8080)")
+    p.add_argument("--host", default=None, metavar="ADDR", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, metavar="N", help="port (default 8080)")
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N")
     p.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="fp32 (default; equal to in-process sampling), bf16 or fp16 autocast (faster, not equal)")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the server model")
     p.add_argument("--cuda-graphs", action="store_true", default=None, help="CUDA graphs per batch bucket (CUDA)")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None, metavar="N", help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--no-batching", dest="batching", action="store_false", default=None,
                    help="serve one request at a time (baseline)")
-    p.add_argument("--max-batch-rows", type=int, default=None, help="rows per model forward (default 256)")
-    p.add_argument("--max-n", type=int, default=None, help="images per request (default 64)")
-    p.add_argument("--max-queue", type=int, default=None, help="waiting requests before 503 (default 1024)")
-    p.add_argument("--max-body-bytes", type=int, default=None, help="request body limit (default 65536)")
-    p.add_argument("--drain-timeout", dest="drain_timeout_s", type=float, default=None,
+    p.add_argument("--max-batch-rows", type=int, default=None, metavar="N", help="rows per model forward (default 256)")
+    p.add_argument("--max-n", type=int, default=None, metavar="N", help="images per request (default 64)")
+    p.add_argument("--max-queue", type=int, default=None, metavar="N", help="waiting requests before 503 (default 1024)")
+    p.add_argument("--max-body-bytes", type=int, default=None, metavar="BYTES", help="request body limit (default 65536)")
+    p.add_argument("--drain-timeout", dest="drain_timeout_s", type=float, default=None, metavar="S",
                    help="seconds shutdown waits for in-flight requests (default 30)")
     p.add_argument("--tls-cert", default=None, metavar="PEM", help="serve HTTPS with this certificate chain")
     p.add_argument("--tls-key", default=None, metavar="PEM", help="private key of --tls-cert")
     p.add_argument("--no-warmup", dest="warmup", action="store_false", default=None,
                    help="skip the warm-up forward(s) before /readyz turns ready")
-    p.add_argument("--workers", type=int, default=None,
+    p.add_argument("--workers", type=int, default=None, metavar="N",
                    help="processes (default 1); >1 runs gunicorn's aiohttp worker (pip install gunicorn)")
     p.add_argument("--train", action="store_true", default=None,
                    help="accept POST /v1/train uploads and train the server model in the background")
@@ -59,7 +59,8 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
                         "run's; picked up while serving), run (the run's own), or a checkpoint folder")
     p.add_argument("--weights-poll", dest="weights_poll_s", type=float, default=None, metavar="S",
                    help="without --train: look for newer trainer checkpoints every S seconds (default 5; 0 = never)")
-    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
+                   help="log lines at this level and above (default info); each line carries the process id")
     p.add_argument("--new-token", type=int, metavar="K", default=None,
                    help="print a fresh token for client K and the [[tokens]] entry to add, then exit")
     p.add_argument("--name", default=None, metavar="NAME",
@@ -118,3 +119,24 @@ def _print_new_token(client: int, name: str | None, as_json: bool) -> int:
     print("add to the server config file:\n")
     print(entry)
     return 0
+
+
+def flags_markdown() -> str:
+    """The table of ``collafuse serve``'s flags in docs/api.md, generated from the parser itself
+    (``python -m collafuse.server.cli`` prints it; a test keeps the doc equal to it)."""
+    parser = argparse.ArgumentParser(prog="collafuse")
+    p = add_serve_parser(parser.add_subparsers())
+    rows = ["| flag | meaning |", "|------|---------|"]
+    for a in p._actions:
+        if not a.option_strings or a.help == argparse.SUPPRESS or a.dest == "help":
+            continue
+        flag = ", ".join(a.option_strings)
+        if a.nargs != 0:
+            flag += " " + (a.metavar or (("{" + ",".join(a.choices) + "}") if a.choices else a.dest.upper()))
+        text = (a.help or "").replace("|", "\\|")
+        rows.append(f"| `{flag}` | {text} |")
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    print(flags_markdown(), end="")
