@@ -46,6 +46,7 @@ from collafuse_edge.schedule import Schedule, handoff_level
 from collafuse_edge.validation import check_number
 
 from .errors import ConfigError, DataError
+from .metrics.disclosure import PosteriorAttack, effective_alpha_bar, log_posterior, posterior_attack  # noqa: F401
 from .privacy_once import DISCLOSE_MODES, check_disclose_mode
 
 DEFAULT_CUTS = tuple(round(0.05 * i, 2) for i in range(1, 20))  # 0.05 … 0.95
@@ -54,74 +55,10 @@ DEFAULT_LINK_COPIES = (1, 4, 16, 64, 256)
 DEFAULT_REID_FACTOR = 2.0
 DEFAULT_PSNR_MARGIN_DB = 1.0  # default PSNR target: the no-disclosure guess + this
 DATA_RANGE = 2.0  # images in [-1, 1]
-_MIN_VAR = 1e-12  # c = 0 discloses the image itself: a vanishing noise variance
+_MIN_VAR = 1e-12  # as in metrics.disclosure: a vanishing noise variance (c = 0)
 
 
 # ------------------------------------------------------------------------------ posterior maths
-
-
-def effective_alpha_bar(alpha_bar, copies):
-    """n copies at ᾱ averaged act like one disclosure at ᾱ·n/(ᾱ·n + 1-ᾱ) (0 copies: ᾱ_eff = 0)."""
-    ab = np.asarray(alpha_bar, dtype=np.float64)
-    n = np.asarray(copies, dtype=np.float64)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        out = np.where(n > 0, ab * n / (ab * n + 1.0 - ab), 0.0)
-    return np.where(ab >= 1.0, np.where(n > 0, 1.0, 0.0), out)
-
-
-def _flat64(x) -> torch.Tensor:
-    t = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x)
-    return t.reshape(t.shape[0], -1).to(torch.float64)
-
-
-def _row_param(v, m: int) -> torch.Tensor:
-    t = torch.as_tensor(v, dtype=torch.float64).reshape(-1)
-    if t.numel() == 1:
-        t = t.expand(m)
-    if t.numel() != m:
-        raise DataError(f"a per-observation parameter has {t.numel()} values for {m} observations")
-    return t.reshape(m, 1)
-
-
-def log_posterior(y, candidates, scale, var) -> torch.Tensor:
-    """log p(i | y_m) ``[M, N]`` float64 for observations ``y`` ``[M, ...]`` of
-    ``y = scale·x_i + sqrt(var)·z`` with i uniform over ``candidates`` ``[N, ...]``.
-
-    ``scale`` and ``var`` are scalars or one value per observation. Computed as
-    ``(2·scale·y·x_i - scale²·‖x_i‖²) / (2·var)`` (the ‖y‖² term is common to every candidate)
-    minus its logsumexp, so it stays finite for any noise level."""
-    yf, xf = _flat64(y), _flat64(candidates)
-    if yf.shape[1] != xf.shape[1]:
-        raise DataError(f"observations have {yf.shape[1]} values each, candidates {xf.shape[1]}")
-    a = _row_param(scale, len(yf))
-    v = _row_param(var, len(yf)).clamp_min(_MIN_VAR)
-    logits = (2.0 * a * (yf @ xf.T) - a * a * (xf * xf).sum(1)[None, :]) / (2.0 * v)
-    return logits - torch.logsumexp(logits, dim=1, keepdim=True)
-
-
-@dataclass(frozen=True)
-class PosteriorAttack:
-    """The Bayes-optimal attack's answers for M observations against N candidates."""
-
-    argmax: np.ndarray  # [M] the most probable source
-    mean: np.ndarray  # [M, D] the posterior-mean reconstruction
-    max_prob: np.ndarray  # [M] the posterior probability of the argmax (the attacker's confidence)
-
-
-def posterior_attack(y, candidates, scale, var, chunk: int = 512) -> PosteriorAttack:
-    """:func:`log_posterior` in chunks of observations (memory M×N bounded by ``chunk``·N)."""
-    yf, xf = _flat64(y), _flat64(candidates)
-    m = len(yf)
-    a, v = _row_param(scale, m), _row_param(var, m)
-    arg, mean, top = [], [], []
-    with torch.no_grad():
-        for s in range(0, m, chunk):
-            lp = log_posterior(yf[s:s + chunk], xf, a[s:s + chunk], v[s:s + chunk])
-            best = lp.max(dim=1)
-            arg.append(best.indices)
-            top.append(best.values.exp())
-            mean.append(lp.exp() @ xf)
-    return PosteriorAttack(torch.cat(arg).numpy(), torch.cat(mean).numpy(), torch.cat(top).numpy())
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -7,6 +7,12 @@
   server's reconstructions (produced elsewhere, with the server's model) and the client's true
   images, PSNR to the paired source and distance to the nearest true image. Higher PSNR /
   lower distance = more disclosed.
+* :func:`log_posterior` / :func:`posterior_attack` — the Bayes-optimal attack on a disclosure
+  ``y = sqrt(ᾱ)·x_i + sqrt(1-ᾱ)·z`` with the candidates x_i known: the exact posterior over the
+  candidates in log space (logsumexp), its argmax (re-identification) and its mean (the
+  MSE-optimal reconstruction under that prior). No trained attack can beat it on the same
+  images; ``collafuse privacy`` (:mod:`collafuse.privacy`) builds on it. n perfectly linked
+  copies are one disclosure at :func:`effective_alpha_bar`.
 
 Images are ``[N, C, H, W]`` float arrays in the model's scale ([-1, 1] for clean images; noised
 images may leave that range).
@@ -17,6 +23,7 @@ import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from ..errors import DataError
 from .distances import (_check_range, frechet_distance, kernel_distance, nearest_neighbours,
@@ -169,3 +176,84 @@ def reconstruction_scores(
         num_reconstructed=int(len(x)),
         num_true=int(len(y)),
     )
+
+
+# ------------------------------------------------------------------ the Bayes-optimal attack
+
+_MIN_VAR = 1e-12  # c = 0 discloses the image itself: a vanishing noise variance
+
+
+def effective_alpha_bar(alpha_bar, copies):
+    """n copies at ᾱ averaged act like one disclosure at ᾱ·n/(ᾱ·n + 1-ᾱ) (0 copies: ᾱ_eff = 0)."""
+    ab = np.asarray(alpha_bar, dtype=np.float64)
+    n = np.asarray(copies, dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = np.where(n > 0, ab * n / (ab * n + 1.0 - ab), 0.0)
+    return np.where(ab >= 1.0, np.where(n > 0, 1.0, 0.0), out)
+
+
+def _flat64(x) -> torch.Tensor:
+    t = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x)
+    return t.reshape(t.shape[0], -1).to(torch.float64)
+
+
+def _row_param(v, m: int) -> torch.Tensor:
+    t = torch.as_tensor(v, dtype=torch.float64).reshape(-1)
+    if t.numel() == 1:
+        t = t.expand(m)
+    if t.numel() != m:
+        raise DataError(f"a per-observation parameter has {t.numel()} values for {m} observations")
+    return t.reshape(m, 1)
+
+
+def log_posterior(y, candidates, scale, var) -> torch.Tensor:
+    """log p(i | y_m) ``[M, N]`` float64 for observations ``y`` ``[M, ...]`` of
+    ``y = scale·x_i + sqrt(var)·z`` with i uniform over ``candidates`` ``[N, ...]``.
+
+    ``scale`` and ``var`` are scalars or one value per observation. Computed as
+    ``(2·scale·y·x_i - scale²·‖x_i‖²) / (2·var)`` (the ‖y‖² term is common to every candidate)
+    minus its logsumexp, so it stays finite for any noise level."""
+    yf, xf = _flat64(y), _flat64(candidates)
+    if yf.shape[1] != xf.shape[1]:
+        raise DataError(f"observations have {yf.shape[1]} values each, candidates {xf.shape[1]}")
+    a = _row_param(scale, len(yf))
+    v = _row_param(var, len(yf)).clamp_min(_MIN_VAR)
+    logits = (2.0 * a * (yf @ xf.T) - a * a * (xf * xf).sum(1)[None, :]) / (2.0 * v)
+    return logits - torch.logsumexp(logits, dim=1, keepdim=True)
+
+
+@dataclass(frozen=True)
+class PosteriorAttack:
+    """The Bayes-optimal attack's answers for M observations against N candidates."""
+
+    argmax: np.ndarray  # [M] the most probable source
+    mean: np.ndarray  # [M, D] the posterior-mean reconstruction
+    max_prob: np.ndarray  # [M] the posterior probability of the argmax (the attacker's confidence)
+
+
+def posterior_attack(y, candidates, scale, var, chunk: int = 512) -> PosteriorAttack:
+    """:func:`log_posterior` in chunks of observations (memory M×N bounded by ``chunk``·N)."""
+    yf, xf = _flat64(y), _flat64(candidates)
+    m = len(yf)
+    a, v = _row_param(scale, m), _row_param(var, m)
+    arg, mean, top = [], [], []
+    with torch.no_grad():
+        for s in range(0, m, chunk):
+            lp = log_posterior(yf[s:s + chunk], xf, a[s:s + chunk], v[s:s + chunk])
+            best = lp.max(dim=1)
+            arg.append(best.indices)
+            top.append(best.values.exp())
+            mean.append(lp.exp() @ xf)
+    return PosteriorAttack(torch.cat(arg).numpy(), torch.cat(mean).numpy(), torch.cat(top).numpy())
+
+
+def bayes_reconstruction_scores(disclosed: np.ndarray, true_images: np.ndarray, alpha_bar: float,
+                                data_range: float = 2.0) -> ReconstructionScores:
+    """The Bayes-optimal attack scored like the trained server's: ``disclosed[i]`` is the x_h of
+    ``true_images[i]`` at ``alpha_bar``, the candidates are ``true_images`` themselves, and the
+    reconstruction is the posterior mean (paired PSNR, nearest-neighbour match rate)."""
+    x = _check_images(disclosed, "disclosed")
+    y = _check_images(true_images, "true_images")
+    _check_paired(x, y, ("disclosed", "true_images"))
+    att = posterior_attack(x, y, np.sqrt(alpha_bar), 1.0 - alpha_bar)
+    return reconstruction_scores(att.mean.reshape(y.shape), y, paired=True, data_range=data_range)

@@ -195,3 +195,34 @@ def test_config_validation_messages():
         PrivacyConfig(link_images=0)
     with pytest.raises(ConfigError, match="--disclose"):
         PrivacyConfig(disclose="sometimes")
+
+
+def test_the_trained_server_attack_does_not_beat_the_bayes_attack(tmp_path):
+    """On the same disclosed x_h of the digits, the server's own reconstructions (its DDIM chain
+    and its one-call Tweedie estimate, as `collafuse evaluate` runs them) and a naive inversion
+    never beat the Bayes-optimal attack with the training images as candidates."""
+    from tiny_runs import tiny_run_config
+
+    from collafuse.checkpoint import load_run
+    from collafuse.data import load_dataset, partition
+    from collafuse.evaluate import server_reconstruction
+    from collafuse.metrics.disclosure import bayes_reconstruction_scores, reconstruction_scores
+    from collafuse.objectives import disclose
+    from collafuse.train import train
+
+    cfg = tiny_run_config(steps=2, cut_ratios=(0.2, 0.4, 0.6), checkpoint_every=2)
+    train(cfg, str(tmp_path / "run"), progress=False)
+    run = load_run(str(tmp_path / "run"), device="cpu")
+    truths = partition(load_dataset("digits", 16), cfg.data)
+    gen = torch.Generator().manual_seed(0)
+    for client, truth in enumerate(truths):
+        x0, y0 = truth.train_images[:60], truth.train_labels[:60]
+        k = cfg.client_levels[client]
+        d = disclose(client, torch.from_numpy(x0), torch.from_numpy(y0), k, run.schedule, "exact", gen, True)
+        ab = float(run.schedule.alpha_bar(np.array([d.level]))[0])
+        bayes = bayes_reconstruction_scores(d.x.numpy(), x0, ab)
+        chain, tweedie = server_reconstruction(run, d.x, d.level, y0, 4, "ddim", 0)
+        naive = np.clip(d.x.numpy() / math.sqrt(ab), -1, 1)
+        for rec in (chain.numpy(), tweedie.numpy(), naive):
+            s = reconstruction_scores(rec, x0)
+            assert bayes.psnr_paired >= s.psnr_paired and bayes.nn_match_rate >= s.nn_match_rate, (client, s, bayes)
