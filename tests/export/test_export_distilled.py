@@ -106,3 +106,39 @@ def test_export_refuses_a_student_of_another_client(distilled, tmp_path, capsys)
     rc = main(["export", "--run", run, "--client", "1", "--student", res.students[2], "--out", str(tmp_path / "x")])
     assert rc == 2
     assert "client" in capsys.readouterr().err
+
+
+def test_a_site_run_distils_exports_and_generates(tmp_path, capsys):
+    """A site's client-train run (its own share, its own model, no server model) distils on its own
+    machine and ships a distilled bundle: the CLI path end to end."""
+    from collafuse.client_train import ClientTrainConfig, ClientTrainer
+    from collafuse.config import DataConfig, ScheduleConfig, TrainConfig, tiny_preset
+
+    async def transport(method, path, headers, body):
+        if (method, path) == ("GET", "/v1/info"):
+            return 200, {"schedule": ScheduleConfig(40, "linear").build().to_dict(), "image_shape": [1, 16, 16],
+                         "num_classes": 10, "server_conditioning": "label",
+                         "you": {"client_levels": 24, "handoff_level": 23, "cut_ratio": 0.6}}
+        assert (method, path) == ("POST", "/v1/train")
+        return 200, {}
+
+    site = str(tmp_path / "site")
+    cc = ClientTrainConfig(out=site, server="http://127.0.0.1:9", token="t", client_index=1,
+                           data=DataConfig("digits", 16, 3, "iid", 0.2, 0), model=tiny_preset(),
+                           train=TrainConfig(steps=2, batch_size=4, device="cpu", checkpoint_every=2))
+    tr = ClientTrainer(cc, transport=transport)
+    try:
+        tr.run(progress=False)
+    finally:
+        tr.close()
+    assert main(["distill", "--run", site, "--client", "1", "--steps", "1", "--teacher-steps", "8",
+                 "--start-steps", "2", "--iters", "1", "--batch-size", "4"]) == 0
+    student = f"{site}/distill/client_1/student_n1.json"
+    bundle = str(tmp_path / "bundle")
+    assert main(["export", "--run", site, "--client", "1", "--student", student, "--out", bundle, "--no-speed"]) == 0
+    b = load_bundle(bundle)
+    assert b.sampler == SamplerConfig("distilled", 1) and b.handoff_level == 23
+    src = tmp_path / "h.npy"
+    np.save(src, initial_noise(2, (3, 1, 16, 16)))
+    assert edge_main(["generate", "--bundle", bundle, "--from", str(src), "--out", str(tmp_path / "o.npy")]) == 0
+    assert np.load(tmp_path / "o.npy").shape == (3, 1, 16, 16)
