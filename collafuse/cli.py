@@ -1,7 +1,7 @@
 """``collafuse`` command line: thin wrappers that parse flags into config dataclasses and call
 one library function each.
 
-Subcommands: ``train``, ``sample``, ``demo``, ``client-train`` and ``evaluate`` live in the core;
+Subcommands: ``train``, ``init``, ``sample``, ``demo``, ``client-train`` and ``evaluate`` live in the core;
 ``export`` and ``serve`` (the upper layers, which the core never imports) register themselves
 through the ``collafuse.commands`` entry-point group: each entry point names a function that takes
 the subparsers object and adds its command. A plugin that fails to load raises; it is not skipped.
@@ -121,6 +121,62 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+@command("collafuse init")
+def cmd_init(args: argparse.Namespace) -> int:
+    from .checkpoint import DataInfo
+    from .train import init_run
+
+    cfg = run_config_from(args)
+    info = None
+    if (args.num_classes is None) != (args.channels is None):
+        raise ConfigError("--num-classes and --channels go together (the data's shape without the data); "
+                          "give both, or neither to read them from --data")
+    if args.num_classes is not None:
+        for name, v, low in (("--num-classes", args.num_classes, 1), ("--channels", args.channels, 1)):
+            if not (low <= v <= 4096):
+                raise ConfigError(f"{name} must be an integer in [{low}, 4096], got {v}")
+        info = DataInfo("external", args.num_classes, args.channels, args.image_size)
+    ckpt = init_run(cfg, args.out, data_info=info)
+    print(f"initialised run {args.out} ({cfg.data.num_clients} clients, cut ratios "
+          f"{', '.join(f'{c:g}' for c in cfg.cut_ratios)}; untrained weights in {ckpt}); "
+          f"next: collafuse serve --run {args.out} --config server.toml --train")
+    return 0
+
+
+def remote_from(args: argparse.Namespace):
+    """A :class:`collafuse.remote.RemoteServer` for ``--server URL`` (None without it)."""
+    if not getattr(args, "server", None):
+        return None
+    from .remote import RemoteServer
+
+    return RemoteServer(args.server, args.token, ca_file=args.ca_file)
+
+
+def run_clients(run, choice: str, remote=None) -> list[int]:
+    """The client indices ``--client`` picks: ``all`` means every model the run holds (a site's run
+    holds one), or the token's client when the server is remote and the run holds them all."""
+    held = [i for i, m in enumerate(run.clients) if m is not None]
+    if choice == "all":
+        if remote is not None and run.site is None:
+            return [remote.info.client]
+        return held
+    try:
+        c = int(choice)
+    except ValueError:
+        raise ConfigError(f"--client must be 'all' or a client index, got {choice!r}") from None
+    if c not in held:
+        raise ConfigError(f"--client must be 'all' or one of {', '.join(map(str, held))} (the models in "
+                          f"{run.run_dir!r}), got {c}")
+    return [c]
+
+
+def add_remote_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--server", default=None, metavar="URL",
+                   help="run the server's levels on this collafuse server over HTTP (needed for a site's run)")
+    p.add_argument("--token", default=None, help="bearer token for --server (default: $COLLAFUSE_TOKEN)")
+    p.add_argument("--ca-file", default=None, metavar="PEM", help="CA bundle that signed the server's certificate")
+
+
 @command("collafuse sample")
 def cmd_sample(args: argparse.Namespace) -> int:
     from collafuse_edge.images import check_output_path, save_images
@@ -133,14 +189,16 @@ def cmd_sample(args: argparse.Namespace) -> int:
                       client_steps=args.client_steps, seed=args.seed)
     out = check_output_path(args.out)
     run = load_run(args.run, device=resolve_device(args.device), server_weights=args.server_checkpoint)
-    print(f"server weights {run.model_version}")
-    clients = range(run.config.data.num_clients) if args.client == "all" else [int(args.client)]
-    for c in clients:
-        if not (0 <= c < run.config.data.num_clients):
-            raise ConfigError(f"--client must be 'all' or in [0, {run.config.data.num_clients - 1}], got {c}")
-    import numpy as np
+    remote = remote_from(args)
+    try:
+        clients = run_clients(run, args.client, remote)
+        print(f"server weights {remote.model_version + ' at ' + args.server if remote else run.model_version}")
+        import numpy as np
 
-    imgs = [to_numpy(sample_client(run, c, sc, progress=True).images) for c in clients]
+        imgs = [to_numpy(sample_client(run, c, sc, progress=True, remote=remote).images) for c in clients]
+    finally:
+        if remote is not None:
+            remote.close()
     save_images(out, np.concatenate(imgs))
     print(f"wrote {sum(len(i) for i in imgs)} images to {out}")
     return 0
@@ -150,8 +208,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import DemoConfig, run_demo
 
-    report = run_demo(DemoConfig(out=args.out, steps=args.steps, seed=args.seed, quick=args.quick))
-    print(f"demo finished in {report['wall_s']:.0f} s; outputs in {os.path.abspath(args.out)}")
+    report = run_demo(DemoConfig(out=args.out, steps=args.steps, seed=args.seed, quick=args.quick,
+                                 in_process=args.in_process))
+    out = os.path.abspath(args.out)
+    print(f"demo ({report['path']}) finished in {report['wall_s']:.0f} s; outputs in {out}: samples.png, "
+          f"losses.png, report.json (with the commands it ran)")
     return 0
 
 
@@ -165,7 +226,8 @@ def cmd_client_train(args: argparse.Namespace) -> int:
         data=DataConfig(args.data, args.image_size, args.clients, args.partition, 0.2, args.seed),
         client_index=args.client_index,
         model=_model(args.client_model, args.client_channels, args.image_size),
-        train=TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device,
+        train=TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, ema_decay=args.ema_decay,
+                          seed=args.seed, device=args.device,
                           log_every=10, checkpoint_every=min(args.checkpoint_every, args.steps)),
         upload_every=args.upload_every, upload_batch=args.upload_batch,
         retry_for_s=args.retry_for, ca_file=args.ca_file, disclose=args.disclose,
@@ -193,12 +255,21 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_args(t)
     t.set_defaults(func=cmd_train)
 
+    i = sub.add_parser("init", help="start a run for networked training: config + untrained weights, no data needed")
+    i.add_argument("--out", required=True, help="run directory (new)")
+    add_run_args(i)
+    i.add_argument("--num-classes", type=int, default=None,
+                   help="number of classes of the sites' data (with --channels: the server needs no data)")
+    i.add_argument("--channels", type=int, default=None, help="image channels of the sites' data (1 or 3)")
+    i.set_defaults(func=cmd_init)
+
     s = sub.add_parser("sample", help="split-sample images from a trained run")
     s.add_argument("--run", required=True)
     s.add_argument("--server-checkpoint", default="latest", metavar="WHICH",
                    help="server weights: latest (the networked trainer's newest checkpoint, else the run's), "
                         "run, or a checkpoint folder")
     s.add_argument("--client", default="all", help="client index or 'all'")
+    add_remote_args(s)
     s.add_argument("-n", type=int, default=16, help="images per client")
     add_sampler_args(s)
     s.add_argument("--seed", type=int, default=0)
@@ -210,7 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="demo-out")
     d.add_argument("--steps", type=int, default=None, help="training steps (default: sized to ~10 min on 2 cores)")
     d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--quick", action="store_true", help="a tiny smoke run (seconds)")
+    d.add_argument("--quick", action="store_true", help="a tiny smoke run (about a minute)")
+    d.add_argument("--in-process", action="store_true",
+                   help="train all sites and the server in one process (the simulation) instead of over HTTP")
     d.set_defaults(func=cmd_demo)
 
     ct = sub.add_parser("client-train", help="a client's side of networked training: local model + x_h uploads")
@@ -227,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     ct.add_argument("--steps", type=int, default=DEFAULT_TRAIN_STEPS, help="training steps")
     ct.add_argument("--batch-size", type=int, default=64)
     ct.add_argument("--lr", type=float, default=2e-4)
+    ct.add_argument("--ema-decay", type=float, default=0.999, help="EMA of the weights that sample/export use")
     ct.add_argument("--seed", type=int, default=0)
     ct.add_argument("--device", default="auto")
     ct.add_argument("--checkpoint-every", type=int, default=200)
@@ -243,12 +317,12 @@ def build_parser() -> argparse.ArgumentParser:
     from .metrics.cli import add_evaluate_parser
 
     add_evaluate_parser(sub)
-    from .distill_cli import add_distill_parser
-
-    add_distill_parser(sub)
     from .privacy import add_privacy_parser
 
     add_privacy_parser(sub)
+    from .distill_cli import add_distill_parser
+
+    add_distill_parser(sub)
     for ep in sorted(entry_points(group=COMMANDS_GROUP), key=lambda e: e.name):
         ep.load()(sub)  # a broken plugin raises here: a missing command would be a worse surprise
     return p

@@ -166,14 +166,14 @@ class ImageCost:
     client_calls: int  # denoiser evaluations on the client per image (the sampler's timetable)
     server_calls: int
     client_flops_per_call: int
-    server_flops_per_call: int
+    server_flops_per_call: int | None  # None: the server model is not here (a site's run, evaluated over HTTP)
     client_flops_per_image: int
-    server_flops_per_image: int
+    server_flops_per_image: int | None
     local_flops_per_image: int  # the same number of sampler steps, all on the client model (c = 1)
     client_train_flops_per_example: int  # counted fwd + bwd; 0 when the client model does not train (c = 0)
-    server_train_flops_per_example: int  # 0 when the server does not train (c = 1)
+    server_train_flops_per_example: int | None  # 0 when the server does not train (c = 1)
     client_params: int
-    server_params: int
+    server_params: int | None
     handoff_bytes_per_image: int  # server → client at inference: the float32 sample (+ int64 label); 0 at c = 1
     disclosure_bytes_per_example: int  # client → server per training example (x_h + label); 0 at c = 1
     latency_ms_per_image: float | None  # client levels, batch 1, best of N runs; None when not measured
@@ -184,15 +184,17 @@ class ImageCost:
         return dataclasses.asdict(self)
 
 
-def image_cost(client_model: torch.nn.Module, server_model: torch.nn.Module, schedule: Schedule, k: int,
+def image_cost(client_model: torch.nn.Module, server_model: torch.nn.Module | None, schedule: Schedule, k: int,
                server_steps: int | None, client_steps: int | None, *, share_labels: bool,
                probe: LatencyProbe | None = None, sampler: str = "ddim") -> ImageCost:
     """Counted cost per image when the client runs k levels and the sampler thins each side to
-    ``server_steps`` / ``client_steps`` evaluations (None = every level)."""
+    ``server_steps`` / ``client_steps`` evaluations (None = every level). Without ``server_model``
+    (a site's run: the server's weights stay on the server) the server's columns are None."""
     T = schedule.T
     n_client = len(client_timetable(k, client_steps))
     n_server = len(server_timetable(T, k, server_steps))
-    fc, fs = FLOPS.forward(client_model), FLOPS.forward(server_model)
+    fc = FLOPS.forward(client_model)
+    fs = FLOPS.forward(server_model) if server_model is not None else None
     cfg = client_model.config
     pixels = int(cfg.in_channels * cfg.sample_size * cfg.sample_size)
     label_bytes = 8 if share_labels else 0
@@ -204,11 +206,12 @@ def image_cost(client_model: torch.nn.Module, server_model: torch.nn.Module, sch
     return ImageCost(
         client_levels=k, client_calls=n_client, server_calls=n_server,
         client_flops_per_call=fc, server_flops_per_call=fs,
-        client_flops_per_image=fc * n_client, server_flops_per_image=fs * n_server,
+        client_flops_per_image=fc * n_client, server_flops_per_image=None if fs is None else fs * n_server,
         local_flops_per_image=fc * (n_client + n_server),
         client_train_flops_per_example=FLOPS.train(client_model) if k > 0 else 0,
-        server_train_flops_per_example=FLOPS.train(server_model) if k < T else 0,
-        client_params=count_params(client_model), server_params=count_params(server_model),
+        server_train_flops_per_example=(0 if k >= T else None if server_model is None else FLOPS.train(server_model)),
+        client_params=count_params(client_model),
+        server_params=None if server_model is None else count_params(server_model),
         handoff_bytes_per_image=wire, disclosure_bytes_per_example=wire,
         latency_ms_per_image=lat, latency_backend=backend, latency_note=note,
     )

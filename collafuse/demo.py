@@ -1,8 +1,11 @@
 """``collafuse demo``: the whole story on the embedded digits, sized for ~10 minutes on 2 cores.
 
-train (3 clients, by-label non-IID, c = 0.6) → export each client's ONNX bundle → start the
-server → each torch-free edge client generates over HTTP (checked against in-process split
-sampling) → metrics → sample grids, plots and a JSON report in the output folder.
+The default runs the networked lifecycle as separate processes (:mod:`collafuse.demo_lifecycle`):
+``serve --train`` + three ``client-train`` sites → serving the trained weights → each site exports
+its bundle → the torch-free edge CLI generates through the server. ``--in-process`` runs the
+one-process simulation instead: train (3 clients, by-label non-IID, c = 0.6) → export → serve →
+edge over HTTP. Both check the networked images against in-process split sampling and write
+metrics, sample grids, plots and a JSON report in the output folder.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ class DemoConfig:
     steps: int | None = None
     seed: int = 0
     quick: bool = False  # seconds-long smoke run (CI)
+    in_process: bool = False  # train in one process (the simulation) instead of sites over HTTP
 
 
 def demo_run_config(dc: DemoConfig) -> RunConfig:
@@ -47,27 +51,39 @@ def demo_run_config(dc: DemoConfig) -> RunConfig:
     )
 
 
-def plot_losses(metrics_path: str, out_png: str) -> None:
+def plot_losses(series: dict[str, list[tuple[int, float]]], out_png: str, title: str = "split training losses") -> None:
+    """One line per named series of (step, loss), log scale, written atomically."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in open(metrics_path, encoding="utf-8")]
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    for key in sorted({k for r in rows for k in r if k.endswith("_loss")}):
-        pts = [(r["step"], r[key]) for r in rows if key in r]
-        ax.plot(*zip(*pts), label=key.replace("_loss", ""))
+    for name, pts in sorted(series.items()):
+        if pts:
+            ax.plot(*zip(*pts), label=name)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_yscale("log")
     ax.legend()
-    ax.set_title("split training losses")
+    ax.set_title(title)
     fig.tight_layout()
     tmp = out_png + ".tmp.png"
     fig.savefig(tmp, dpi=120)
     plt.close(fig)
     os.replace(tmp, out_png)
+
+
+def loss_series(metrics_path: str, prefix: str = "") -> dict[str, list[tuple[int, float]]]:
+    """``{name: [(step, loss)]}`` of every ``*_loss`` key in a ``metrics.jsonl``."""
+    rows = []
+    if os.path.exists(metrics_path):
+        with open(metrics_path, encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+    out: dict[str, list[tuple[int, float]]] = {}
+    for key in sorted({k for r in rows for k in r if k.endswith("_loss")}):
+        out[prefix + key.replace("_loss", "")] = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+    return out
 
 
 def _serve_and_generate(run_dir: str, out: str, clients: int, sc, labels: list, bundles: list[str]) -> list:
@@ -114,6 +130,15 @@ def _export(run_dir: str, client: int, out: str) -> str:
 
 
 def run_demo(dc: DemoConfig) -> dict:
+    """The networked lifecycle (default) or, with ``dc.in_process``, the one-process simulation."""
+    if not dc.in_process:
+        from .demo_lifecycle import run_networked_demo
+
+        return run_networked_demo(dc, demo_run_config(dc))
+    return run_in_process_demo(dc)
+
+
+def run_in_process_demo(dc: DemoConfig) -> dict:
     import torch
 
     from collafuse_edge.images import save_images
@@ -160,8 +185,9 @@ def run_demo(dc: DemoConfig) -> dict:
 
         metrics = demo_report(run_dir)
     print("[5/5] plots and report")
-    plot_losses(os.path.join(run_dir, "metrics.jsonl"), os.path.join(dc.out, "losses.png"))
+    plot_losses(loss_series(os.path.join(run_dir, "metrics.jsonl")), os.path.join(dc.out, "losses.png"))
     report = {
+        "path": "in-process training, then serving and edge generation over loopback HTTP",
         "wall_s": time.perf_counter() - t0,
         "train": {"steps": res.step, "wall_s": res.wall_s, "steps_per_s": res.steps_per_s, "last": res.last},
         "networked_generation_s": t_http,

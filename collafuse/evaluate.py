@@ -211,12 +211,14 @@ def _np(x: torch.Tensor) -> np.ndarray:
 
 
 def evaluate_client(run: LoadedRun, client: int, truth: ClientData, ec: EvalConfig, extractor: FeatureExtractor,
-                    *, probe: LatencyProbe | None = None, keep_images: int = 0) -> ClientEval:
+                    *, probe: LatencyProbe | None = None, keep_images: int = 0, remote=None) -> ClientEval:
     """Evaluate model ``client`` of ``run`` (its cut ratio and client model) against ``truth``.
 
     ``truth`` is usually the run's own partition of that client; a centralised baseline passes
     the data of the client it is compared with. ``keep_images`` > 0 keeps that many samples and
-    attack examples on the result for figures.
+    attack examples on the result for figures. ``remote`` (:class:`collafuse.remote.RemoteServer`)
+    runs the server's levels over HTTP; without a local server model (a site's run) the
+    reconstruction attack, which needs the server's weights, is skipped.
     """
     cfg, sched = run.config, run.schedule
     T, k = sched.T, cfg.client_levels[client]
@@ -228,11 +230,12 @@ def evaluate_client(run: LoadedRun, client: int, truth: ClientData, ec: EvalConf
     if len(truth.test_images) < 2:
         raise ConfigError(f"client {truth.index} has {len(truth.test_images)} held-out images; need ≥ 2 for quality "
                           "metrics (use a larger test_fraction)")
-    dev = next(run.server.parameters()).device
+    dev = next(run.clients[client].parameters()).device
+    attack = ec.attack and run.server is not None
 
     # quality: split-sampled images vs the client's held-out images
     labels = cycle_labels(truth.classes, ec.num_images)
-    s = sample_client(run, client, sc, labels)
+    s = sample_client(run, client, sc, labels, remote=remote)
     images, handoff = _np(s.images), _np(s.handoff)
     quality = quality_scores(images, truth.test_images, extractor, num_subsets=ec.kd_subsets, seed=ec.seed)
 
@@ -257,7 +260,7 @@ def evaluate_client(run: LoadedRun, client: int, truth: ClientData, ec: EvalConf
         seen = _np(d.x)
         disc_train = disclosure_scores(seen, x0, extractor, paired=True, **kd_kw)
         disc_inf = disclosure_scores(handoff, x0, extractor, **kd_kw)
-        if ec.attack:
+        if attack:
             c_steps = sc.client_steps if ec.sampler == "ddim" else None
             if d.eps is not None:  # shared-noise: the server inverts x_t exactly
                 exact = predict_x0(sched, d.x, d.eps, d.t, clip=False)
@@ -300,9 +303,11 @@ def pooled_quality(evals: list[ClientEval], truths: list[ClientData], extractor:
 
 def evaluate_run(run: str | LoadedRun, ec: EvalConfig = EvalConfig(), *, out_dir: str | None = None,
                  extractor: tuple[FeatureExtractor, dict] | None = None, probe: LatencyProbe | None = None,
-                 progress: bool = False) -> EvalReport:
-    """Evaluate every client of ``run`` against its own private split; with ``out_dir``, write
-    ``report.json``, ``samples_client{i}.png`` and ``attack_client{i}.png`` there."""
+                 progress: bool = False, remote=None, clients: list[int] | None = None) -> EvalReport:
+    """Evaluate the clients of ``run`` (``clients``: default every model the run holds — a site's
+    run holds one) against their own private splits; with ``out_dir``, write ``report.json``,
+    ``samples_client{i}.png`` and ``attack_client{i}.png`` there. ``remote`` runs the server's
+    levels over HTTP (:class:`collafuse.remote.RemoteServer`; needed for a site's run)."""
     t0 = time.perf_counter()
     with torch_threads(ec.threads):
         if isinstance(run, str):
@@ -312,18 +317,27 @@ def evaluate_run(run: str | LoadedRun, ec: EvalConfig = EvalConfig(), *, out_dir
 
             st = load_student(ec.student, run, device=ec.device)
             run = dataclasses.replace(run, clients=[st.model if i == st.client else m for i, m in enumerate(run.clients)])
+        if run.server is None and remote is None:
+            raise ConfigError(f"{run.run_dir!r} is a site's run: its server model lives on the server at "
+                              f"{(run.site or {}).get('server', 'the server')}; pass --server URL (and its token)")
+        held = [i for i, m in enumerate(run.clients) if m is not None]
+        if clients is None:  # a token is one client: with a remote server, evaluate that one
+            clients = [remote.info.client] if remote is not None and run.site is None else held
+        if not clients or any(c not in held for c in clients):
+            raise ConfigError(f"clients {clients} are not all in {run.run_dir!r} (it holds {held})")
         ext, info = extractor if extractor is not None else feature_extractor(run, ec)
         cfg = run.config
         truths = partition(load_dataset(cfg.data.source, cfg.data.image_size), cfg.data)
-        if probe is None and ec.latency != "none" and any(k > 0 for k in cfg.client_levels):
-            probe = LatencyProbe(run.clients[0], run.schedule, ec.latency, bundle=ec.bundle, threads=ec.threads or 1,
-                                 runs=ec.latency_runs)
+        if probe is None and ec.latency != "none" and any(cfg.client_levels[c] > 0 for c in clients):
+            probe = LatencyProbe(run.clients[clients[0]], run.schedule, ec.latency, bundle=ec.bundle,
+                                 threads=ec.threads or 1, runs=ec.latency_runs)
         evals = []
-        for i, truth in enumerate(truths):
+        for i in clients:
             if progress:
                 print(f"  evaluating client {i} (c = {cfg.cut_ratios[i]}) …", flush=True)
-            evals.append(evaluate_client(run, i, truth, ec, ext, probe=probe, keep_images=ec.num_images))
-        pooled = pooled_quality(evals, truths, ext, ec)
+            evals.append(evaluate_client(run, i, truths[i], ec, ext, probe=probe, keep_images=ec.num_images,
+                                         remote=remote))
+        pooled = pooled_quality(evals, [truths[i] for i in clients], ext, ec)
     report = EvalReport(run.run_dir, run.step, cfg.objective, tuple(cfg.cut_ratios), info, ec, tuple(evals), pooled,
                         time.perf_counter() - t0)
     if out_dir is not None:

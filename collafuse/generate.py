@@ -46,22 +46,38 @@ def client_labels(run: LoadedRun, client: int, n: int) -> np.ndarray:
 
 
 def sample_client(run: LoadedRun, client: int, sc: SampleConfig, labels: np.ndarray | None = None,
-                  progress: bool = False):
-    """Split-sample ``sc.n`` images for one client: server levels, then the client's levels."""
+                  progress: bool = False, remote=None):
+    """Split-sample ``sc.n`` images for one client: server levels, then the client's levels.
+
+    ``remote`` (a :class:`collafuse.remote.RemoteServer`) runs the server's levels over HTTP
+    instead of the run's own server model; a site's run (no server model) needs it."""
     from .sampling import split_sample
 
     cfg = run.config
-    if not (0 <= client < cfg.data.num_clients):
-        raise InputError(f"client must be in [0, {cfg.data.num_clients - 1}], got {client}")
+    if not (0 <= client < cfg.data.num_clients) or run.clients[client] is None:
+        have = [i for i, m in enumerate(run.clients) if m is not None]
+        raise InputError(f"run {run.run_dir!r} holds the model of client {', '.join(map(str, have))}, not {client}")
     if labels is None and (cfg.class_conditional or cfg.server_conditioning == "label"):
         labels = client_labels(run, client, sc.n)
     k = cfg.client_levels[client]
+    client_labels_ = labels if cfg.class_conditional else None
+    server_labels = labels if cfg.server_conditioning == "label" else None
+    if remote is not None:
+        from .remote import remote_split_sample
+
+        remote.check_run(run, client)
+        return remote_split_sample(
+            remote, run.clients[client], run.schedule, k, sc.n, labels=client_labels_, server_labels=server_labels,
+            sampler=sc.sampler, server_steps=sc.server_steps, client_steps=sc.client_steps, eta=sc.eta,
+            seed=sc.seed, progress=progress)
+    if run.server is None:
+        raise ConfigError(f"{run.run_dir!r} is a site's run: its server model lives on the server at "
+                          f"{(run.site or {}).get('server', 'the server')}; pass --server URL (and its token)")
     dev = next(run.server.parameters()).device
     return split_sample(
         run.server, run.clients[client], run.schedule, k, sc.n,
         shape=(run.data.channels, run.data.image_size, run.data.image_size),
-        labels=labels if cfg.class_conditional else None,
-        server_labels=labels if cfg.server_conditioning == "label" else None,
+        labels=client_labels_, server_labels=server_labels,
         sampler=sc.sampler, server_steps=sc.server_steps, client_steps=sc.client_steps,
         eta=sc.eta, seed=sc.seed, device=dev, progress=progress,
     )

@@ -11,6 +11,7 @@ and restarts (see :mod:`collafuse.spool`).
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -150,9 +151,21 @@ class ServerTrainer:
         save_checkpoint(self.state_dir, self.step, [self.ms], self.gen.get_state(),
                         extra={"trained": sorted(self.trained), "trained_rows": self.trained_rows})
         self.spool.forget(self._since_ckpt)  # only now: the checkpoint that trained them is durable
+        losses = self.losses[-max(1, self.tc.checkpoint_every):]
+        self._log_metrics({"step": self.step, "server_loss": sum(losses) / len(losses) if losses else None,
+                           "trained_rows": self.trained_rows, "trained_batches": len(self.trained)})
         self._since_ckpt = []
         if self.on_weights is not None:
             self.on_weights(self.ema_state_dict(), self.step)
+
+    def _log_metrics(self, row: dict) -> None:
+        """One line per checkpoint in ``RUN/server_training/metrics.jsonl`` (a log: lines of a crash's
+        lost steps are written again after the restart, with the same step numbers)."""
+        try:
+            with open(os.path.join(self.state_dir, "metrics.jsonl"), "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+        except OSError as e:  # a log line is not worth stopping training for
+            log.warning("could not append to server_training/metrics.jsonl: %s", e)
 
     def ema_state_dict(self) -> dict:
         names = [n for n, _ in self.ms.model.named_parameters()]

@@ -261,3 +261,33 @@ def train(cfg: RunConfig | None, run_dir: str, *, resume: bool = False, steps: i
         atomic_write_json(os.path.join(run_dir, "config.json"), cfg.to_dict())
         atomic_write_json(os.path.join(run_dir, "data.json"), trainer.data_info.to_dict())
         return trainer.run(progress=progress)
+
+
+def init_run(cfg: RunConfig, run_dir: str, *, data_info: DataInfo | None = None) -> str:
+    """Start a run for networked training: ``config.json``, ``data.json`` and a step-0 checkpoint
+    of freshly initialised models (seeded by ``cfg.train.seed``), without training anything.
+
+    ``collafuse serve --train`` then trains the server model from the sites' uploads. The server
+    needs only the data's shape and classes: ``data_info`` gives them directly (no data on the
+    server); without it they are read from ``cfg.data.source``. Returns the checkpoint folder."""
+    from .run_lock import RunLock
+
+    if os.path.exists(os.path.join(run_dir, "config.json")):
+        raise ConfigError(f"{run_dir!r} already holds a run; choose a new --out")
+    if data_info is None:
+        ds = load_dataset(cfg.data.source, cfg.data.image_size)
+        data_info = DataInfo(ds.name, ds.num_classes, ds.channels, cfg.data.image_size)
+    elif data_info.image_size != cfg.data.image_size:
+        raise ConfigError(f"data image size {data_info.image_size} differs from the run's {cfg.data.image_size}")
+    os.makedirs(run_dir, exist_ok=True)
+    with RunLock(run_dir, "collafuse init"):
+        device = torch.device("cpu")
+        ccfg, scfg = model_configs(cfg, data_info)
+        torch.manual_seed(cfg.train.seed)  # model init, as SplitTrainer does
+        states = [new_model_state("server", scfg, cfg.train, device)]
+        states += [new_model_state(f"client_{i}", ccfg, cfg.train, device) for i in range(cfg.data.num_clients)]
+        gen = torch.Generator().manual_seed(cfg.train.seed)
+        atomic_write_json(os.path.join(run_dir, "data.json"), data_info.to_dict())
+        ckpt = save_checkpoint(run_dir, 0, states, gen.get_state())
+        atomic_write_json(os.path.join(run_dir, "config.json"), cfg.to_dict())  # last: a run only once whole
+        return ckpt

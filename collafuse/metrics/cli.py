@@ -2,6 +2,7 @@
 
     collafuse evaluate --run runs/demo --out runs/demo/eval -n 100 --sample-steps 50
     collafuse evaluate --run runs/demo --bundle bundles/client0   # client latency on collafuse-edge
+    collafuse evaluate --run site0 --server https://host:8443      # a site's run: server levels over HTTP
 
 Prints one row per client and writes ``report.json`` plus sample and attack grids to ``--out``
 (default ``RUN/eval``). ``--sampler`` is the shared flag (default ddim); ``--sample-steps`` is one
@@ -27,7 +28,10 @@ def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
                     "(KD and pixel MSE of what the server sees), a reconstruction attack with the server's "
                     "own model, and counted FLOPs / bytes / client latency per image.",
     )
-    p.add_argument("--run", required=True, metavar="DIR", help="a trained run directory")
+    p.add_argument("--run", required=True, metavar="DIR", help="a trained run directory, or a site's client-train run")
+    from ..cli import add_remote_args
+
+    add_remote_args(p)
     p.add_argument("--out", default=None, metavar="DIR", help="where to write report.json and grids (default RUN/eval)")
     p.add_argument("-n", "--num-images", type=int, default=100, help="images generated per client (default 100)")
     g = add_sampler_args(p, total_steps=50)
@@ -71,7 +75,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                     kd_subsets=args.kd_subsets, seed=args.seed, device=str(resolve_device(args.device)),
                     student=args.student)
     out = args.out or os.path.join(args.run, "eval")
-    report = evaluate_run(args.run, ec, out_dir=out, progress=not args.json)
+    from ..cli import remote_from
+
+    remote = remote_from(args)
+    try:
+        if remote is not None and not args.json:
+            print(f"server levels from {args.server} (model {remote.model_version}); the reconstruction attack "
+                  "needs the server's weights and runs only where they are")
+        report = evaluate_run(args.run, ec, out_dir=out, progress=not args.json, remote=remote)
+    finally:
+        if remote is not None:
+            remote.close()
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
         return 0

@@ -98,6 +98,35 @@ def test_sites_train_server_serves_it_sites_export_devices_generate(run_dir, tmp
                                env={**env, "COLLAFUSE_TOKEN": TOKENS[c]}, timeout=300)
             assert r.returncode == 0, r.stderr
             np.testing.assert_allclose(np.load(out), ref.images.numpy(), rtol=0, atol=1e-4)
+
+        # 5. the site's own run samples and evaluates in torch with the server's levels over HTTP
+        site_env = {**env, "COLLAFUSE_TOKEN": TOKENS[0]}
+        out = str(tmp_path / "torch0.npy")
+        r = subprocess.run([sys.executable, "-m", "collafuse.cli", "sample", "--run", sites[0], "--server", server.p.url,
+                            "-n", "3", "--seed", "5", "--sampler", "ddim", "--server-steps", "10", "--client-steps", "5",
+                            "--out", out], capture_output=True, text=True, env=site_env, timeout=300)
+        assert r.returncode == 0, r.stderr
+        assert want in r.stdout  # it names the served model version
+        from collafuse.generate import client_labels
+
+        site0 = load_run(sites[0])
+        lab = client_labels(site0, 0, 3)  # what sample picks: the site's own classes
+        ref = split_sample(served.server, site0.clients[0], served.schedule, served.config.client_levels[0], 3,
+                           shape=(1, 16, 16), labels=lab, server_labels=lab, seed=5, sampler="ddim", server_steps=10,
+                           client_steps=5)
+        np.testing.assert_allclose(np.load(out), ref.images.numpy(), rtol=0, atol=1e-4)
+        r = subprocess.run([sys.executable, "-m", "collafuse.cli", "sample", "--run", sites[0], "-n", "3",
+                            "--out", str(tmp_path / "x.npy")], capture_output=True, text=True, env=site_env, timeout=300)
+        assert r.returncode == 2 and "--server URL" in r.stderr, r.stderr  # a site's run has no server model
+        ev = str(tmp_path / "eval0")
+        r = subprocess.run([sys.executable, "-m", "collafuse.cli", "evaluate", "--run", sites[0], "--server",
+                            server.p.url, "-n", "8", "--disclosed", "8", "--kd-subsets", "3", "--sample-steps", "8",
+                            "--latency", "none", "--out", ev], capture_output=True, text=True, env=site_env, timeout=600)
+        assert r.returncode == 0, r.stderr
+        rep = json.loads(open(os.path.join(ev, "report.json")).read())
+        (c0,) = rep["clients"]
+        assert c0["client"] == 0 and c0["quality"]["fd"] is not None
+        assert c0["attack_training_chain"] is None  # the server's weights are not at the site
     finally:
         server.close()
 
