@@ -89,10 +89,10 @@ def test_linking_works_when_copies_are_clean_and_fails_in_noise():
     P = rng.choice([-1.0, 1.0], size=(24, 1, 4, 4))
     easy = link_attack(X, P, None, 0.95, 8, 16, seed=0)
     hard = link_attack(X, P, None, 0.002, 8, 16, seed=0)
-    assert easy["link_purity"] > 0.95 and easy["reid_image"] > 0.95
-    assert hard["link_purity"] < 0.5 and hard["reid_image"] < 0.3
+    assert easy["link_purity"] > 0.95 and easy["reid"] > 0.95
+    assert hard["link_purity"] < 0.5 and hard["reid"] < 0.3
     # perfect links are the bound: never worse than the measured linker
-    assert hard["oracle"]["reid"] >= hard["reid_image"] - 0.1
+    assert hard["oracle"]["reid"] >= hard["reid"] - 0.1
     assert easy["uploads"] == math.ceil(8 * 24 / 16) * 16  # whole batches, as the trainer sends them
 
 
