@@ -48,6 +48,9 @@ def add_export_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
     p.add_argument("--student", default=None, metavar="JSON",
                    help="export a few-step student of this client instead (the student_n{N}.json written by "
                         "`collafuse distill`); the bundle records its sampler and N-level timetable")
+    p.add_argument("--sign-key", "--sign", dest="sign_key", metavar="KEY",
+                   help="sign the bundle with this Ed25519 private key (collafuse-edge keygen --out PREFIX makes "
+                        "one): writes manifest.json.sig; devices given the public key (--trust) refuse anything else")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle at --out")
     p.add_argument("--json", action="store_true", help="print the manifest summary as JSON")
     p.set_defaults(func=cmd_export)
@@ -58,15 +61,27 @@ def add_export_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
 def cmd_export(args: argparse.Namespace) -> int:
     from .exporter import ExportConfig
 
+    key = None
+    if args.sign_key is not None:  # a bad key is refused before minutes of export
+        from collafuse_edge.signing import load_private_key
+
+        key = load_private_key(args.sign_key)
     cfg = ExportConfig(precision=args.precision, opset=args.opset, exporter=args.exporter,
                        atol=args.atol, rtol=args.rtol, measure_speed=not args.no_speed)
     result = export_client(args.run, args.client, args.out, cfg, overwrite=args.overwrite, student=args.student)
     m = result.manifest
+    signed = None
+    if key is not None:
+        from collafuse_edge.signing import key_id, sign_bundle
+
+        sign_bundle(result.bundle_dir, key)
+        signed = key_id(key.public_key())
     summary = {
         "bundle": str(result.bundle_dir), "precision": m["precision"], "exporter": m["model"]["exporter"],
         "opset": m["model"]["opset"], "cut_ratio": m["cut_ratio"], "handoff_level": m["handoff_level"],
         "model_bytes": m["files"][0]["bytes"], "validation_max_abs_diff": m["validation"]["max_abs_diff"],
         "quality_gate": m.get("quality_gate"), "speed": (m.get("speed") or {}).get("summary"),
+        "signed_by": signed,
     }
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -81,6 +96,8 @@ def cmd_export(args: argparse.Namespace) -> int:
                   f"{g['sample_mean_abs']:.3g}, PSNR {float(g['sample_psnr_db']):.1f} dB — passed")
         if summary["speed"]:
             print(f"speed: {summary['speed']}")
+        if signed:
+            print(f"signed: manifest.json.sig by key {signed} (devices check it with --trust PUBKEY)")
         if m.get("sampler"):
             sm = m["sampler"]
             print(f"distilled student ({sm.get('method')}): {sm['steps']} model call(s) per image at levels "

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 from .errors import ExportError
 
@@ -27,13 +28,27 @@ def export_client(run_dir: str, client: int, out_dir: str, config=None, *, overw
         raise ExportError(f"{run_dir!r} is the client-train run of client {run.site['client_index']} and holds "
                           f"only that model; pass --client {run.site['client_index']}")
     images = labels = None
-    if config.precision != "fp32":
+    classes = None
+    conditional = getattr(run.clients[client].config, "num_class_embeds", None) is not None
+    if config.precision != "fp32" or conditional:
         from collafuse.data import load_dataset, partition
+        from collafuse.errors import DataError
 
-        ds = load_dataset(run.config.data.source, run.config.data.image_size)
-        part = partition(ds, run.config.data)[client]
-        images, labels = part.train_images, part.train_labels
-    source = {"run": os.path.abspath(run_dir), "client": client, "step": run.step}
+        try:
+            ds = load_dataset(run.config.data.source, run.config.data.image_size)
+            part = partition(ds, run.config.data)[client]
+        except (DataError, OSError) as e:
+            if config.precision != "fp32":  # int8/fp16 calibrate and gate on the client's images
+                raise
+            # the classes this client knows only set the device's default labels: go on without them
+            warnings.warn(f"the training data of run {run_dir!r} is not readable here ({e}); the bundle will not "
+                          f"record the client's classes (devices then default to labels 0, 1, 2, …)")
+        else:
+            if config.precision != "fp32":
+                images, labels = part.train_images, part.train_labels
+            classes = list(part.classes) if conditional else None
+    # the run's folder name, never the exporting machine's absolute path
+    source = {"run": os.path.basename(os.path.normpath(os.path.abspath(run_dir))), "client": client, "step": run.step}
     if run.site is not None:
         source["site_of"] = {"server": run.site.get("server"), "server_model_version": run.model_version}
     model, sampler = run.clients[client], None
@@ -54,7 +69,7 @@ def export_client(run_dir: str, client: int, out_dir: str, config=None, *, overw
         source["student"] = os.path.basename(student)
     return export_bundle(model, run.schedule, run.config.cut_ratios[client], out_dir,
                          config=config, calibration_images=images, calibration_labels=labels,
-                         source=source, overwrite=overwrite, sampler=sampler)
+                         source=source, overwrite=overwrite, sampler=sampler, client_classes=classes)
 
 
 __all__ = ["export_client"]

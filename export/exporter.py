@@ -141,12 +141,15 @@ def export_bundle(
     source: dict | None = None,
     overwrite: bool = False,
     sampler: dict | None = None,
+    client_classes: list[int] | None = None,
 ) -> ExportResult:
     """Export ``unet`` (a client's diffusers ``UNet2DModel``) for cut ratio ``cut_ratio``.
 
     ``calibration_images`` ``[N,C,H,W]`` in [-1, 1] (the client's own training images, with
     ``calibration_labels`` ``[N]``) calibrate int8 and feed the quality gate; int8 requires them.
     ``source`` is recorded in the manifest (e.g. run directory, client index, training step).
+    ``client_classes``: the classes the client trained on (a conditional model); the edge
+    draws its default labels from them.
     ``sampler`` (:func:`collafuse_edge.bundle.sampler_section`) marks ``unet`` as a distilled
     few-step student: the bundle records its timetable and the edge runs exactly those steps.
     """
@@ -192,6 +195,11 @@ def export_bundle(
         extra["created_utc"] = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
         if source:
             extra["source"] = source
+        if client_classes is not None:
+            if num_classes is None or not client_classes or any(not 0 <= int(c) < num_classes for c in client_classes):
+                raise ExportError(f"client_classes must be class ids in [0, {num_classes}) of a conditional model, "
+                                  f"got {client_classes!r}")
+            extra["client_classes"] = sorted({int(c) for c in client_classes})
         manifest = build_manifest(
             model_file=MODEL_FILE, files=[file_entry(bundle_dir, MODEL_FILE)], image_shape=image_shape,
             num_classes=num_classes, schedule=schedule, cut_ratio=cut_ratio, precision=cfg.precision,

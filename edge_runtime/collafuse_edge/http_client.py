@@ -163,12 +163,14 @@ class ServerClient:
     def _ensure_session(self) -> aiohttp.ClientSession:
         if self._session is None:
             c = self.config
-            sslctx: ssl.SSLContext | bool | None = None
-            if c.ca_file is not None:
+            # Always an explicit verifying context for https: aiohttp before 3.10 reads ssl=True as
+            # "do not verify" (make test-edge-oldest caught a self-signed server accepted on 3.9.0)
+            sslctx: ssl.SSLContext | bool = True
+            if c.url.startswith("https://"):
                 sslctx = ssl.create_default_context(cafile=c.ca_file)
             self._session = aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=None, connect=c.connect_timeout_s, sock_read=c.read_timeout_s),
-                connector=aiohttp.TCPConnector(ssl=sslctx if sslctx is not None else True),
+                connector=aiohttp.TCPConnector(ssl=sslctx),
             )
         return self._session
 
@@ -228,7 +230,8 @@ class ServerClient:
                 return (" — the server answered in plain HTTP, not TLS: use an http:// URL, or start the server "
                         "with --tls-cert/--tls-key")
             if "certificate" in text:
-                return " — the server's TLS certificate is not trusted: give ClientConfig(ca_file=PEM) for a self-signed one"
+                return (" — the server's TLS certificate is not trusted: for a self-signed or private CA, pass "
+                        "--ca-file PEM (the CA or server certificate; ClientConfig(ca_file=PEM) in Python)")
             return ""
         if isinstance(e, aiohttp.ServerDisconnectedError) and not https:
             return (" — the server closed the connection without an answer: if it serves HTTPS, use an https:// "
@@ -351,17 +354,23 @@ def _retry_after(value: str | None) -> float | None:
 
 async def generate_over_http(
     runtime, server: ServerClient, n: int, labels=None, *, seed: int = 0, sampler=None,
-    server_sampler: str = "ddpm", server_steps: int | None = None, concurrency: int = 4,
+    server_sampler: str = "ddpm", server_steps: int | None = None, concurrency: int = 4, progress=None,
 ) -> np.ndarray:
     """``n`` images ``[n,C,H,W]`` in [-1, 1]: handoff samples from the server, finished on this device.
 
     The bundle is checked against the server first. More than the token's ``max_n`` images are
     fetched in chunks (seeds ``seed``, ``seed+1``, …), up to ``concurrency`` at a time, each finished
-    as soon as it arrives.
+    as soon as it arrives. ``progress`` (a :class:`collafuse_edge.progress.Progress`) shows the wait
+    on the server and the client's levels as they run.
     """
+    import threading
+
+    from .progress import QUIET
     from .runtime import _check_n
     from .sampler import SamplerConfig
+    from .generate import client_steps
 
+    progress = progress if progress is not None else QUIET
     sampler = sampler or SamplerConfig()
     _check_n(n)
     check_int("concurrency", concurrency, low=1)
@@ -371,12 +380,36 @@ async def generate_over_http(
     if seed + len(chunks) - 1 > MAX_SEED:
         raise InputError(f"seed {seed} leaves no room for {len(chunks)} chunk seeds")
     gate = asyncio.Semaphore(concurrency)
-    src = server.source(sampler=server_sampler, steps=server_steps)
+    fetch = server.source(sampler=server_sampler, steps=server_steps)
+    total_steps = client_steps(runtime.bundle, sampler) * len(chunks)
+    lock = threading.Lock()
+    state = {"received": 0, "steps": 0}
+    server_what = f"{server_sampler}" + (f", {server_steps} steps" if server_sampler == "ddim" and server_steps else "")
 
-    async def one(i: int, a: int, b: int) -> np.ndarray:
-        async with gate:
-            return await runtime.agenerate(b - a, src, None if lab is None else lab[a:b], sampler=sampler,
-                                           seed=seed + i)
+    with progress.ticker(f"{n} images: waiting on {server.config.url} ({server_what} there, "
+                         f"{sampler.sampler} here)") as t:
 
-    parts = await asyncio.gather(*(one(i, a, b) for i, (a, b) in enumerate(chunks)))
+        def show() -> None:
+            t.set_detail(f"— server: {state['received']}/{len(chunks)} handoff batches received; "
+                         f"this device: {state['steps']}/{total_steps} client steps")
+
+        def on_step(i: int, level: int, x: np.ndarray) -> None:
+            with lock:
+                state["steps"] += 1
+            show()
+
+        async def src(k: int, labels: Optional[np.ndarray], s: int):
+            h = await fetch(k, labels, s)
+            with lock:
+                state["received"] += 1
+            show()
+            return h
+
+        async def one(i: int, a: int, b: int) -> np.ndarray:
+            async with gate:
+                return await runtime.agenerate(b - a, src, None if lab is None else lab[a:b], sampler=sampler,
+                                               seed=seed + i, callback=on_step)
+
+        show()
+        parts = await asyncio.gather(*(one(i, a, b) for i, (a, b) in enumerate(chunks)))
     return np.concatenate(parts)

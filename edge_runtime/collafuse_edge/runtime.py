@@ -20,11 +20,29 @@ from typing import Awaitable, Callable, Optional, Sequence
 import numpy as np
 
 from .bundle import Bundle, load_bundle
-from .errors import InputError
+from .errors import BundleError, InputError
 from .noise import initial_noise
 from .sampler import DenoiseFn, SamplerConfig, StepCallback, finish
 from .session import OnnxDenoiser, SessionConfig
-from .validation import check_int
+from .validation import check_int, is_int
+
+CLIENT_CLASSES = "client_classes"  # optional manifest section: the classes this client trained on
+
+
+def client_classes(bundle: Bundle) -> tuple[int, ...] | None:
+    """The classes the bundle's client knows (the optional ``client_classes`` manifest section,
+    written by ``collafuse export``), or None when the bundle does not record them."""
+    raw = bundle.manifest.get(CLIENT_CLASSES)
+    if raw is None:
+        return None
+    nc = bundle.num_classes
+    ok = (nc is not None and isinstance(raw, list) and raw and len(raw) <= nc
+          and all(is_int(c) and 0 <= c < nc for c in raw) and len(set(raw)) == len(raw))
+    if not ok:
+        raise BundleError(f"bundle {bundle.path}: {CLIENT_CLASSES} must be a non-empty list of distinct class "
+                          f"ids in [0, {(nc or 1) - 1}] (a conditional bundle only), got {str(raw)[:80]}; "
+                          f"re-export the bundle")
+    return tuple(int(c) for c in raw)
 
 
 @dataclass(frozen=True)
@@ -77,29 +95,44 @@ class EdgeRuntime:
     ):
         check_int("max_batch", max_batch, low=1)
         self.bundle = bundle
+        self.classes = client_classes(bundle)
         self.denoiser = denoiser if denoiser is not None else OnnxDenoiser(bundle, session)
         self.max_batch = max_batch
+        self.signed_by: str | None = None  # the trusted key that signed the bundle (EdgeRuntime.open with trust)
         self._denoise = chunked(self.denoiser, max_batch)
 
     @classmethod
     def open(
         cls, path: str | os.PathLike, session: SessionConfig | None = None, *,
-        verify_hashes: bool = True, max_batch: int = 64,
+        verify_hashes: bool = True, max_batch: int = 64, trust: Sequence[str | os.PathLike] | None = None,
     ) -> "EdgeRuntime":
-        return cls(load_bundle(path, verify_hashes=verify_hashes), session=session, max_batch=max_batch)
+        """Open the bundle at ``path``. ``trust``: public key files; when given (or set in
+        ``$COLLAFUSE_TRUST``) the bundle must carry a valid signature by one of them
+        (:mod:`collafuse_edge.signing`); ``signed_by`` then holds the key id."""
+        if trust is None and not os.environ.get("COLLAFUSE_TRUST"):
+            bundle, kid = load_bundle(path, verify_hashes=verify_hashes), None
+        else:  # the signature check needs the optional cryptography package: imported only here
+            from .signing import load_verified_bundle
+
+            bundle, kid = load_verified_bundle(path, trust, verify_hashes=verify_hashes)
+        rt = cls(bundle, session=session, max_batch=max_batch)
+        rt.signed_by = kid
+        return rt
 
     # -- inputs ----------------------------------------------------------------------------
 
     def labels_for(self, n: int, labels: LabelsLike = None) -> np.ndarray | None:
-        """Class labels ``[n]`` int64 for a conditional bundle (None → 0, 1, 2, … cycling through
-        the classes; an int → that class for every image); None for an unconditional one."""
+        """Class labels ``[n]`` int64 for a conditional bundle (None → cycling through the classes
+        the client knows, when the bundle records them, else 0, 1, 2, …; an int → that class for
+        every image); None for an unconditional one."""
         nc = self.bundle.num_classes
         if nc is None:
             if labels is not None:
                 raise InputError("this bundle's model is unconditional: do not pass class labels")
             return None
         if labels is None:
-            return (np.arange(n) % nc).astype(np.int64)
+            known = np.asarray(self.classes if self.classes is not None else range(nc), dtype=np.int64)
+            return known[np.arange(n) % len(known)]
         arr = np.asarray(labels)
         if arr.dtype.kind not in "iu":
             raise InputError(f"class labels must be integers, got dtype {arr.dtype}")
@@ -184,16 +217,18 @@ class EdgeRuntime:
 
     async def afinish(
         self, handoff: Handoff, labels: LabelsLike = None, *, sampler: SamplerConfig = SamplerConfig(),
+        callback: StepCallback | None = None,
     ) -> np.ndarray:
         """:meth:`finish` in a worker thread."""
         import asyncio  # here, not at the top: the CLI's start-up time matters on a device
 
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(None, functools.partial(self.finish, handoff, labels, sampler=sampler))
+        return await loop.run_in_executor(None, functools.partial(self.finish, handoff, labels, sampler=sampler,
+                                                                  callback=callback))
 
     async def agenerate(
         self, n: int, get_handoff: HandoffSource | None = None, labels: LabelsLike = None, *,
-        sampler: SamplerConfig = SamplerConfig(), seed: int = 0,
+        sampler: SamplerConfig = SamplerConfig(), seed: int = 0, callback: StepCallback | None = None,
     ) -> np.ndarray:
         """``n`` images; handoff samples from ``await get_handoff(n, labels, seed)``, or, when
         ``get_handoff`` is None, from pure noise on the device (c = 1 bundles)."""
@@ -204,7 +239,7 @@ class EdgeRuntime:
         else:
             handoff = await get_handoff(n, lab, seed)
             _check_rows(handoff, n)
-        return await self.afinish(handoff, lab, sampler=sampler)
+        return await self.afinish(handoff, lab, sampler=sampler, callback=callback)
 
 
 def _check_n(n: int) -> None:
