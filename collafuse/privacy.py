@@ -506,8 +506,9 @@ def plot_report(report: dict, path_cut: str, path_copies: str | None = None) -> 
     chance = rows[0]["single"]["chance"]
     for key, lab in (("single", "one disclosure"), ("run", f"planned run ({report['planned_run']['disclose']})")):
         ax[0].plot(c, [max(r[key]["reid"], chance / 10) for r in rows], "o-", ms=3, label=lab)
-        ax[1].plot(c, [r[key]["psnr_site_prior"] for r in rows], "o-", ms=3, label=f"{lab}, site prior")
-        ax[1].plot(c, [r[key]["psnr_population_prior"] for r in rows], "s--", ms=3, label=f"{lab}, population prior")
+        line, = ax[1].plot(c, [min(r[key]["psnr_site_prior"], 50.0) for r in rows], "o-", ms=3, label=f"{lab}, site prior")
+        ax[1].plot(c, [r[key]["psnr_linear"] for r in rows], "s--", ms=3, color=line.get_color(),
+                   label=f"{lab}, linear (no candidates)")
     ax[0].axhline(chance, color="gray", lw=0.8, label="chance")
     ax[0].axhline(report["target"]["max_reid"], color="red", lw=0.8, ls=":", label="target")
     ax[0].set_yscale("log")
@@ -515,7 +516,7 @@ def plot_report(report: dict, path_cut: str, path_copies: str | None = None) -> 
     ax[0].set_ylabel("re-identification rate")
     ax[1].axhline(report["target"]["max_psnr"], color="red", lw=0.8, ls=":", label="target")
     ax[1].set_xlabel("cut ratio c")
-    ax[1].set_ylabel("posterior-mean PSNR (dB)")
+    ax[1].set_ylabel("reconstruction PSNR (dB, shown ≤ 50)")
     for a in ax:
         a.legend(fontsize=7)
         a.grid(alpha=0.3)
@@ -531,12 +532,12 @@ def plot_report(report: dict, path_cut: str, path_copies: str | None = None) -> 
             n = [r["copies"] for r in rs]
             line, = ax[0].plot(n, [r["reid"] for r in rs], "o-", ms=3, label=f"c = {cut:g}, k-means links")
             ax[0].plot(n, [r["oracle"]["reid"] for r in rs], "--", color=line.get_color(), label=f"c = {cut:g}, perfect links")
-            ax[1].plot(n, [r["psnr_population_prior"] for r in rs], "o-", ms=3, color=line.get_color(),
+            ax[1].plot(n, [r["psnr_linear"] for r in rs], "o-", ms=3, color=line.get_color(),
                        label=f"c = {cut:g}, k-means links")
-            ax[1].plot(n, [r["oracle"]["psnr_population_prior"] for r in rs], "--", color=line.get_color(),
+            ax[1].plot(n, [r["oracle"]["psnr_linear"] for r in rs], "--", color=line.get_color(),
                        label=f"c = {cut:g}, perfect links")
         ax[0].axhline(report["linking"][0]["chance"], color="gray", lw=0.8, label="chance")
-        for a, lab in zip(ax, ("re-identification rate (per upload)", "PSNR, population prior (dB)")):
+        for a, lab in zip(ax, ("re-identification rate (per upload)", "PSNR, linear estimate (dB)")):
             a.set_xscale("log")
             a.set_xlabel("disclosures per image")
             a.set_ylabel(lab)
