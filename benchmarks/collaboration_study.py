@@ -64,7 +64,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--split-local", default="0.6", help="cut ratios of the split-local ablation ('' for none)")
     p.add_argument("--fedavg-rounds", type=int, default=10, help="FedAvg: local steps between averagings (0: no arm)")
     p.add_argument("--no-central", action="store_true")
-    p.add_argument("--model", default="tiny", help="every model's size: " + ", ".join(SIZES))
+    p.add_argument("--client-model", default="tiny", help="size of the per-client models (clients, local, FedAvg): "
+                   + ", ".join(SIZES))
+    p.add_argument("--server-model", default="tiny", help="size of the server-side models (shared server, central, "
+                   "split-local's second model)")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--ema-decay", type=float, default=0.99)
     p.add_argument("--timesteps", type=int, default=1000)
@@ -81,7 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if a.quick:
         a.regimes, a.seeds, a.steps, a.eval_every = "scarce:dirichlet:0.3", 2, 4, 2
         a.cuts, a.double_noise, a.split_local, a.fedavg_rounds = "0.2,0.6", "0.2", "0.6", 2
-        a.batch_size, a.scarce, a.images, a.sample_steps, a.kd_subsets, a.model = 4, 12, 6, 3, 2, "tiny"
+        a.batch_size, a.scarce, a.images, a.sample_steps, a.kd_subsets = 4, 12, 6, 3, 2
     for name in ("seeds", "scarce", "steps", "eval_every", "batch_size", "sample_steps", "images", "kd_subsets",
                  "threads", "timesteps"):
         if getattr(a, name) < 1:
@@ -90,8 +93,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--images must be ≥ 2 (FD needs two images)")
     if a.fedavg_rounds < 0:
         p.error("--fedavg-rounds must be ≥ 0")
-    if a.model not in SIZES:
-        p.error(f"--model must be one of {', '.join(SIZES)}, got {a.model!r}")
+    for flag in ("client_model", "server_model"):
+        if getattr(a, flag) not in SIZES:
+            p.error(f"--{flag.replace('_', '-')} must be one of {', '.join(SIZES)}, got {getattr(a, flag)!r}")
     try:
         a.regime_list = [parse_regime(r) for r in a.regimes.split(",") if r.strip()]
         a.cut_list = _cuts(a.cuts, "--cuts")
@@ -141,13 +145,17 @@ def regime_name(r: tuple[str, str]) -> str:
 
 @dataclass
 class Member:
-    """One model: trained in ensemble ``ens`` ("c": batch b, "s": batch 3b) at index ``index``.
-    ``role``: ("ddpm", lo, hi) levels lo … hi from x0, or (objective, h) from the disclosed x_h."""
+    """One model of architecture ``arch`` ("client" / "server": ``--client-model`` /
+    ``--server-model``). ``role``: ("ddpm", lo, hi) levels lo … hi from x0, or (objective, h) from
+    the disclosed x_h. A member with one slot trains at that client (batch b); one with every
+    client's slots is a server-side model (batch 3b). Members of one architecture and batch size
+    train in one ensemble: ``ens`` is its key, ``index`` the member's place in it."""
 
-    ens: str
+    arch: str
     role: tuple
     slots: list[int]  # the arm's x0 draws it trains on (one per client it learns from)
     index: int = -1
+    ens: str = ""
 
 
 @dataclass
@@ -158,8 +166,6 @@ class Arm:
     members: list[Member] = field(default_factory=list)
     # pipelines[i]: the (member, timetable) list that generates for client i
     pipelines: list = field(default_factory=list)
-    client_models: int = 1  # models each client trains
-    server_batches: int = 0  # server-side models trained at batch 3b
 
 
 def build_arms(a, T: int, n_clients: int) -> list[Arm]:
@@ -173,10 +179,11 @@ def build_arms(a, T: int, n_clients: int) -> list[Arm]:
     def split_arm(name: str, kind: str, c: float, objective: str, shared: bool) -> Arm:
         k = client_level_count(c, T)
         s_steps, c_steps = split_steps(S, k, T)
-        arm = Arm(name, kind, c, client_models=1 if shared else 2, server_batches=1 if shared else 0)
-        clients = [Member("c", ("ddpm", 0, k - 1), [i]) for i in range(n_clients)]
-        servers = ([Member("s", (objective, k - 1), list(range(n_clients)))] if shared else
-                   [Member("c", (objective, k - 1), [i]) for i in range(n_clients)])
+        arm = Arm(name, kind, c)
+        clients = [Member("client", ("ddpm", 0, k - 1), [i]) for i in range(n_clients)]
+        # split-local: each client alone holds a server-architecture model of its own
+        servers = ([Member("server", (objective, k - 1), list(range(n_clients)))] if shared else
+                   [Member("server", (objective, k - 1), [i]) for i in range(n_clients)])
         arm.members = clients + servers
         for i in range(n_clients):
             srv = servers[0] if shared else servers[i]
@@ -188,20 +195,20 @@ def build_arms(a, T: int, n_clients: int) -> list[Arm]:
     for c in a.dn_list:
         arms.append(split_arm(f"dn-c{c:g}", "double-noise", c, "double-noise", True))
     local = Arm("local", "local", 1.0)
-    local.members = [Member("c", ("ddpm", 0, T - 1), [i]) for i in range(n_clients)]
+    local.members = [Member("client", ("ddpm", 0, T - 1), [i]) for i in range(n_clients)]
     local.pipelines = [[(m, full)] for m in local.members]
     arms.append(local)
     for c in a.sl_list:
         arms.append(split_arm(f"split-local-c{c:g}", "split-local", c, "exact", False))
     if not a.no_central:
-        central = Arm("central", "central", None, client_models=0, server_batches=1)
-        m = Member("s", ("ddpm", 0, T - 1), list(range(n_clients)))
+        central = Arm("central", "central", None)
+        m = Member("server", ("ddpm", 0, T - 1), list(range(n_clients)))
         central.members = [m]
         central.pipelines = [[(m, full)] for _ in range(n_clients)]
         arms.append(central)
     if a.fedavg_rounds:
         fed = Arm("fedavg", "fedavg", 1.0)
-        fed.members = [Member("c", ("ddpm", 0, T - 1), [i]) for i in range(n_clients)]
+        fed.members = [Member("client", ("ddpm", 0, T - 1), [i]) for i in range(n_clients)]
         # generation uses the global model: the weighted mean of the clients' EMA weights ("avg")
         fed.pipelines = [[("avg", full)] for _ in range(n_clients)]
         arms.append(fed)
@@ -241,11 +248,11 @@ class Group:
             self.train.append((x, y))
         self.truths = clients
         self.arms = build_arms(a, T, n_clients)
-        mcfg = model_config(a.model, 16)
         from collafuse.config import replace
 
-        mcfg = replace(mcfg, num_classes=dataset.num_classes)  # class-conditional; labels shared with the server
-        self.model_config = mcfg
+        # class-conditional; labels shared with the server
+        self.arch = {"client": a.client_model, "server": a.server_model}
+        mcfgs = {n: replace(model_config(n, 16), num_classes=dataset.num_classes) for n in set(self.arch.values())}
         # slots: one x0 draw of b images per (arm, client); the server/central members read all of an arm's
         self.slot_client: list[int] = []
         for arm in self.arms:
@@ -254,14 +261,16 @@ class Group:
             for m in arm.members:
                 m.slots = [base + s for s in m.slots]
         torch.manual_seed(seed)
-        ens_members = {"c": [], "s": []}
+        ens_members: dict[str, list[Member]] = {}
         for arm in self.arms:
             for m in arm.members:
-                m.index = len(ens_members[m.ens])
+                m.ens = f"{self.arch[m.arch]}/b{len(m.slots)}"
+                m.index = len(ens_members.setdefault(m.ens, []))
                 ens_members[m.ens].append(m)
         self.members = ens_members
         kw = dict(lr=a.lr, ema_decay=a.ema_decay, grad_clip=1.0)
-        self.ens = {k: Ensemble([build_unet(mcfg).to(device) for _ in v], **kw) for k, v in ens_members.items() if v}
+        self.ens = {k: Ensemble([build_unet(mcfgs[k.split("/")[0]]).to(device) for _ in v], **kw)
+                    for k, v in ens_members.items()}
         self.gen = torch.Generator().manual_seed(seed)
         xs = [torch.from_numpy(x) for x, _ in self.train]
         ys = [torch.from_numpy(y) for _, y in self.train]
@@ -348,32 +357,37 @@ class Group:
         R = self.a.fedavg_rounds
         if R and (step % R == 0 or step == self.a.steps):
             fed = next(arm for arm in self.arms if arm.kind == "fedavg")
-            self.ens["c"].average_([m.index for m in fed.members], self.fed_weights)
+            self.ens[fed.members[0].ens].average_([m.index for m in fed.members], self.fed_weights)
 
     # -- evaluation -----------------------------------------------------------------------------
 
-    def pool(self):
-        """The EMA weights of every member of both ensembles stacked, plus FedAvg's global model."""
+    def eval_models(self) -> dict:
+        """{(ensemble key, member index) or "avg": model with the EMA weights, eval mode}; "avg" is
+        FedAvg's global model, the data-size-weighted mean of the clients' EMA weights."""
         import torch
 
-        parts, offset, where = [], 0, {}
-        for key in ("c", "s"):
-            if key in self.ens:
-                st = self.ens[key].stacked(ema=True)
-                parts.append(st)
-                where[key] = offset
-                offset += self.ens[key].size
-        pool = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        out = {}
+        stacks = {k: e.stacked(ema=True) for k, e in self.ens.items()}
         for arm in self.arms:
-            if arm.kind == "fedavg":
-                idx = torch.tensor([where["c"] + m.index for m in arm.members])
-                w = torch.tensor(self.fed_weights, dtype=torch.float64)
-                avg = {k: (v[idx].double() * w.view(-1, *([1] * (v.ndim - 1)))).sum(0, keepdim=True).to(v.dtype)
-                       for k, v in pool.items()}
-                where["avg"] = offset
-                pool = {k: torch.cat([pool[k], avg[k]]) for k in pool}
-                offset += 1
-        return pool, where
+            for stages in arm.pipelines:
+                for member, _ in stages:
+                    key = "avg" if member == "avg" else (member.ens, member.index)
+                    if key in out:
+                        continue
+                    if key == "avg":
+                        fed = next(x for x in self.arms if x.kind == "fedavg")
+                        ens, st = self.ens[fed.members[0].ens], stacks[fed.members[0].ens]
+                        idx = torch.tensor([m.index for m in fed.members])
+                        w = torch.tensor(self.fed_weights, dtype=torch.float64)
+                        state = {k: (v[idx].double() * w.view(-1, *([1] * (v.ndim - 1)))).sum(0).to(v.dtype)
+                                 for k, v in st.items()}
+                    else:
+                        ens, st = self.ens[key[0]], stacks[key[0]]
+                        state = {k: v[key[1]] for k, v in st.items()}
+                    m = type(ens._base).from_config(ens.config)
+                    m.load_state_dict(state)
+                    out[key] = m.to(self.device).eval()
+        return out
 
     def generate(self) -> dict:
         """{(arm name, client): images [n, C, H, W]} — every arm's pipelines run together, one
@@ -392,15 +406,15 @@ class Group:
         from collafuse.evaluate import cycle_labels
         from collafuse.models import denoise
 
-        pool, where = self.pool()
+        models = self.eval_models()
         n = self.a.images
         pipes = []  # (arm, client, [(pool index, t, prev)], labels)
         for arm in self.arms:
             for i, stages in enumerate(arm.pipelines):
                 steps = []
                 for member, tt in stages:
-                    pi = where["avg"] if member == "avg" else where[member.ens] + member.index
-                    steps += [(pi, t, prev) for t, prev in tt.pairs()]
+                    key = "avg" if member == "avg" else (member.ens, member.index)
+                    steps += [(key, t, prev) for t, prev in tt.pairs()]
                 pipes.append((arm.name, i, steps, cycle_labels(self.truths[i].classes, n)))
         shape = (n, *self.train[0][0].shape[1:])
         x = torch.stack([torch.from_numpy(initial_noise(1_000_003 * self.seed + 7919 * i + 1, shape))
@@ -410,12 +424,6 @@ class Group:
         # server or the central model serves 3 clients in one call). Measured: for inference a
         # vmapped ensemble of E tiny models is slower on the CPU than E plain calls (grouped
         # convolutions of 8–16 channels per group), so sampling does not vmap.
-        ens = next(iter(self.ens.values()))
-        models = {}
-        for pi in sorted({st[0] for p in pipes for st in p[2]}):
-            m = type(ens._base).from_config(ens.config)
-            m.load_state_dict({k: v[pi] for k, v in pool.items()})
-            models[pi] = m.to(self.device).eval()
         for j in range(max(len(p[2]) for p in pipes)):
             by_model: dict = {}
             for q, p in enumerate(pipes):
@@ -457,30 +465,33 @@ class Group:
 # cost per arm
 
 
-def arm_costs(arms: list[Arm], a, fe: int, ff: int, params: int, n_clients: int = 3) -> dict:
-    """Training FLOPs per client and in total, generation FLOPs and bytes per client."""
-    from collafuse_edge.schedule import client_level_count
-    from collafuse.evaluate import split_steps
-
-    T, b, S = a.timesteps, a.batch_size, a.steps
-    xh_bytes = 4 * 16 * 16 + 8  # one float32 16×16 x_h and its int64 label
+def arm_costs(arms: list[Arm], a, fe: dict, ff: dict, params: dict, arch: dict, n_clients: int = 3) -> dict:
+    """Training FLOPs per client and in total, the client's generation FLOPs per image and its bytes
+    on the wire per training step. ``fe``/``ff``/``params``: counted training FLOPs per example,
+    forward FLOPs per call and parameters per model size; ``arch``: "client"/"server" → size.
+    A member with one client's slot runs at that client; a shared one (every slot) at the server."""
+    b, S = a.batch_size, a.steps
+    img_bytes = 4 * 16 * 16 + 8  # one float32 16×16 image (x_h or raw) and its int64 label
     out = {}
     for arm in arms:
-        client = arm.client_models * b * S * fe
-        server = arm.server_batches * n_clients * b * S * fe
-        if arm.kind in ("collab", "double-noise"):
-            _, c_calls = split_steps(a.sample_steps, client_level_count(arm.cut, T), T)
-            up = b * xh_bytes
-        elif arm.kind == "central":
-            c_calls, up = 0, b * (4 * 16 * 16 + 8)  # raw images
-        else:
-            c_calls, up = a.sample_steps, 0
+        first = min(min(m.slots) for m in arm.members)  # the arm's slot of client 0
+        mine = [m for m in arm.members if m.slots == [first]]
+        shared = [m for m in arm.members if len(m.slots) > 1]
+        client = sum(fe[arch[m.arch]] * b * S for m in mine)
+        server = sum(fe[arch[m.arch]] * b * len(m.slots) * S for m in shared)
+        gen = 0
+        for member, tt in arm.pipelines[0]:
+            if member == "avg" or len(member.slots) == 1:
+                gen += len(tt) * ff[arch["client" if member == "avg" else member.arch]]
         if arm.kind == "fedavg":
-            up = 2 * 4 * params / a.fedavg_rounds  # weights both ways once per round
+            up = 2 * 4 * params[arch["client"]] / a.fedavg_rounds  # weights both ways once per round
+        elif shared:
+            up = b * img_bytes  # x_h (collaborative) or raw images (central)
+        else:
+            up = 0
         out[arm.name] = {"client_train_flops": client, "server_train_flops": server,
-                         "total_train_flops": n_clients * client + server,
-                         "client_models": arm.client_models, "client_gen_flops_per_image": c_calls * ff,
-                         "client_bytes_per_step": up}
+                         "total_train_flops": n_clients * client + server, "client_models": len(mine),
+                         "client_gen_flops_per_image": gen, "client_bytes_per_step": up}
     return out
 
 
@@ -569,8 +580,12 @@ def run_group(a, regime, seed, dataset, extractor, device) -> tuple[dict, dict]:
             final = res
             print(f"  {regime_name(regime)} seed {seed} step {step}: " + "  ".join(
                 f"{n} {c[-1]['fd']:.1f}" for n, c in curves.items()), flush=True)
-    m0 = g.ens["c"].member_model(0) if "c" in g.ens else g.ens["s"].member_model(0)
-    costs = arm_costs(g.arms, a, FLOPS.train(m0), FLOPS.forward(m0), count_params(m0))
+    fe, ff, params = {}, {}, {}
+    for key, ens in g.ens.items():
+        m0 = ens.member_model(0)
+        size = key.split("/")[0]
+        fe[size], ff[size], params[size] = FLOPS.train(m0), FLOPS.forward(m0), count_params(m0)
+    costs = arm_costs(g.arms, a, fe, ff, params, g.arch)
     out = {"regime": regime_name(regime), "seed": seed, "final": final,
            "best": {k: v[2] for k, v in best.items()}, "best_step": {k: v[1] for k, v in best.items()},
            "curves": curves, "costs": costs,
@@ -585,8 +600,9 @@ def run_group(a, regime, seed, dataset, extractor, device) -> tuple[dict, dict]:
 
 
 def settings(a) -> dict:
-    keys = ("regimes", "seeds", "scarce", "steps", "eval_every", "batch_size", "cuts", "double_noise", "split_local",
-            "fedavg_rounds", "no_central", "model", "lr", "ema_decay", "timesteps", "sample_steps", "images",
+    """What a finished group must share with this invocation to be reused (not the list of regimes or seeds)."""
+    keys = ("scarce", "steps", "eval_every", "batch_size", "cuts", "double_noise", "split_local",
+            "fedavg_rounds", "no_central", "client_model", "server_model", "lr", "ema_decay", "timesteps", "sample_steps", "images",
             "kd_subsets")
     return {k: getattr(a, k) for k in keys}
 
@@ -630,7 +646,7 @@ def main(argv: list[str] | None = None) -> int:
             if a.reuse and os.path.exists(path):
                 with open(path, encoding="utf-8") as f:
                     saved = json.load(f)
-                if saved.get("settings") == settings(a):
+                if all(saved.get("settings", {}).get(k) == v for k, v in settings(a).items()):
                     groups.append(saved)
                     print(f"reused {path}", flush=True)
                     continue
@@ -644,7 +660,7 @@ def main(argv: list[str] | None = None) -> int:
                   flush=True)
     summary = summarise(groups, a)
     res = {"meta": {"command": "python benchmarks/collaboration_study.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                    "settings": settings(a), "machine": machine_description(), "torch": torch.__version__,
+                    "settings": settings(a), "regimes": a.regimes, "seeds": a.seeds, "machine": machine_description(), "torch": torch.__version__,
                     "threads": a.threads, "device": str(device), "wall_s": time.perf_counter() - t_start,
                     "stopping_rule": "fixed budget: every arm at the last step (--steps); 'best_fd' = each arm at its "
                                      "best evaluated step, for reference",

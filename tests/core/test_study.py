@@ -52,7 +52,7 @@ def test_mean_ci_matches_the_t_interval():
     (["--cuts", "1.0"], "strictly between"),
     (["--cuts", "x"], "not a number"),
     (["--steps", "0"], "--steps must be"),
-    (["--model", "huge"], "--model must be"),
+    (["--client-model", "huge"], "--client-model must be"),
 ])
 def test_bad_flags_are_refused_clearly(argv, msg, capsys):
     with pytest.raises(SystemExit):
