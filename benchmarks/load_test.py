@@ -340,7 +340,7 @@ async def run_load(url: str, runtime, args, sampler: ProcSampler) -> dict:
     errors: Counter = Counter()
     outcomes: Counter = Counter()
     samples: list[dict] = []
-    bar = tqdm(total=round(total), unit="s", desc="load", disable=None, file=sys.stderr) if tqdm else None
+    pbar = tqdm(total=round(total), unit="s", desc="load", disable=None, file=sys.stderr) if tqdm else None
 
     async def sample_loop() -> None:
         last_t, last_n = 0.0, 0
@@ -356,11 +356,11 @@ async def run_load(url: str, runtime, args, sampler: ProcSampler) -> dict:
                          client_cpu_s=own.ru_utime + own.ru_stime - own0.ru_utime - own0.ru_stime)
                 samples.append(s)
                 last_t, last_n = t, n
-                if bar is not None:
-                    bar.n = min(round(t), bar.total)
-                    bar.set_postfix(handoffs=n, rss=f"{s['rss_mib']:.0f}MiB", err=sum(errors.values()),
+                if pbar is not None:
+                    pbar.n = min(round(t), pbar.total)
+                    pbar.set_postfix(handoffs=n, rss=f"{s['rss_mib']:.0f}MiB", err=sum(errors.values()),
                                     refresh=False)
-                    bar.refresh()
+                    pbar.refresh()
             if t >= total:
                 return
             await asyncio.sleep(min(args.sample_interval, max(0.05, total - t)))
@@ -379,8 +379,8 @@ async def run_load(url: str, runtime, args, sampler: ProcSampler) -> dict:
         final.update(t_s=time.perf_counter() - t0, handoffs=len(done), handoffs_per_s=float("nan"),
                      loadavg_1m=os.getloadavg()[0], client_cpu_s=float("nan"))
         samples.append(final)
-    if bar is not None:
-        bar.close()
+    if pbar is not None:
+        pbar.close()
     return {"done": done, "errors": errors, "outcomes": outcomes, "samples": samples, "drained_s": drained_s}
 
 

@@ -196,19 +196,19 @@ class SplitTrainer:
         t0 = time.perf_counter()
         start = self.step
         logs: dict = {}
-        bar = tqdm(total=cfg.steps, initial=self.step, desc="train", disable=not progress, dynamic_ncols=True)
+        pbar = tqdm(total=cfg.steps, initial=self.step, desc="train", disable=not progress, dynamic_ncols=True)
         with open(path, "a", encoding="utf-8") as mf:
             while self.step < cfg.steps:
                 logs = self.train_step()
-                bar.update(1)
+                pbar.update(1)
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                     logs["steps_per_s"] = (self.step - start) / max(time.perf_counter() - t0, 1e-9)
                     mf.write(json.dumps(logs) + "\n")
                     mf.flush()
-                    bar.set_postfix({k: f"{v:.3f}" for k, v in logs.items() if k.endswith("loss")}, refresh=False)
+                    pbar.set_postfix({k: f"{v:.3f}" for k, v in logs.items() if k.endswith("loss")}, refresh=False)
                 if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
                     self.save()
-        bar.close()
+        pbar.close()
         wall = time.perf_counter() - t0
         return TrainResult(self.run_dir, self.step, wall, (self.step - start) / max(wall, 1e-9), logs)
 

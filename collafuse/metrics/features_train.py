@@ -108,8 +108,8 @@ def _train(x: np.ndarray, y: np.ndarray, config: FeatureNetConfig, *, seed: int,
     from tqdm.auto import tqdm
 
     net.train()
-    bar = tqdm(range(epochs), desc="feature net", unit="epoch", disable=not progress, leave=False)
-    for _ in bar:
+    pbar = tqdm(range(epochs), desc="feature net", unit="epoch", disable=not progress, leave=False)
+    for _ in pbar:
         order = torch.randperm(len(tr), generator=gen)
         total = 0.0
         for i in range(0, len(tr), batch_size):
@@ -123,7 +123,7 @@ def _train(x: np.ndarray, y: np.ndarray, config: FeatureNetConfig, *, seed: int,
             opt.step()
             sched.step()
             total += float(loss.detach()) * len(b)
-        bar.set_postfix(loss=f"{total / len(tr):.3f}")
+        pbar.set_postfix(loss=f"{total / len(tr):.3f}")
     net.eval()
     net.fit_feature_scale(x[tr])
     acc = net.accuracy(x[te], y[te]) if len(te) else float("nan")
