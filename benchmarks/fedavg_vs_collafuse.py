@@ -431,37 +431,53 @@ def tables(summary: dict, cost: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(summary: dict, cost: dict, path: str) -> None:
-    """One panel per regime: mean FD (± 95 % interval) against the client's FLOPs per generated
-    image; marker area ∝ bytes on the wire per training step."""
+def plot(summary: dict, cost: dict, cells: list[dict], path: str) -> None:
+    """One column per regime. Top: FD per client against the client's FLOPs per generated image;
+    bottom: against bytes on the wire per training step. Mean over seeds with its 95 % interval
+    (clipped at the axis floor), each seed as a faint dot; the centralised reference (pooled raw
+    data, no client cost) as a dashed line. Arms at the same cost are nudged apart."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     regs = list(summary)
-    fig, axes = plt.subplots(1, len(regs), figsize=(4.2 * len(regs), 3.8), squeeze=False)
+    fig, axes = plt.subplots(2, len(regs), figsize=(4.2 * len(regs), 7.0), squeeze=False)
     colours = {"fedavg": "tab:red", "collafuse": "tab:blue", "local": "tab:grey", "centralised": "tab:green"}
-    for ax, r in zip(axes[0], regs):
-        for a, v in summary[r]["arms"].items():
-            c = cost.get(a) or cost.get("fedavg")
-            if a == "centralised":
-                x = None
+    nudge = {"fedavg": 0.97, "local": 1.03}
+    for col, r in enumerate(regs):
+        seeds = [c for c in cells if c["regime"] == r]
+        for row, (key, scale, label) in enumerate((("gen_flops_per_image", 1e6, "client MFLOP per generated image"),
+                                                   ("wire_bytes_per_step", 1e3, "client kB on the wire per step"))):
+            ax = axes[row][col]
+            for a, v in summary[r]["arms"].items():
+                colour = colours.get(a, "tab:orange")
+                m, h = v["fd"]
+                if a == "centralised":
+                    ax.axhline(m, color=colour, ls="--", lw=1, label="centralised (pooled raw data)")
+                    continue
+                c = cost.get(a)
+                if c is None:
+                    continue
+                x = c[key] / scale * nudge.get(a, 1.0)
+                if key == "wire_bytes_per_step" and x == 0:
+                    x = 0.3  # local training sends nothing; drawn at the left edge of the log axis
+                pts = [s["arms"][a]["fd_mean"] for s in seeds if a in s["arms"]]
+                ax.scatter([x] * len(pts), pts, color=colour, alpha=0.3, s=14)
+                lo = None if math.isnan(h) else [[min(h, m * 0.95)], [h]]
+                ax.errorbar([x], [m], yerr=lo, fmt="o", color=colour, capsize=4, ms=8, label=a)
+            if row == 0:
+                ax.set_xlim(0, 1.2 * max(ax.get_xlim()[1], 1.0))
             else:
-                x = c["gen_flops_per_image"] / 1e6
-            m, h = v["fd"]
-            col = colours.get(a, "tab:orange")
-            if x is None:
-                ax.axhline(m, color=col, ls="--", lw=1, label=f"{a} (server-side, pooled raw data)")
-                continue
-            ax.errorbar([x], [m], yerr=None if math.isnan(h) else [[h], [h]], fmt="o", color=col, capsize=4,
-                        ms=6 + 6 * math.sqrt(c["wire_bytes_per_step"] / 1e5), label=a)
-        ax.set_title(r)
-        ax.set_xlabel("client MFLOP per generated image")
-        ax.set_ylabel("FD per client (mean ± 95 % CI)")
-        ax.grid(alpha=0.3)
+                ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlabel(label + (" (local 0: at 0.3)" if row else ""), fontsize=8)
+            ax.set_ylabel("FD per client (lower is better)")
+            ax.grid(alpha=0.3, which="both")
+            if row == 0:
+                ax.set_title(f"{r} ({len(seeds)} seeds)")
     axes[0][0].legend(fontsize=7)
-    fig.suptitle("Quality vs client cost (marker size ∝ bytes on the wire per training step)", fontsize=10)
+    fig.suptitle("Quality vs client cost: mean ± 95 % interval over seeds, dots = seeds", fontsize=10)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp.png"
@@ -546,7 +562,7 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write_json(os.path.join(args.out, "fedavg_vs_collafuse.json"), res)
     text = tables(summary, cost)
     atomic_write_text(os.path.join(args.out, "table.md"), text)
-    plot(summary, cost, os.path.join(plots, "fedavg_quality_vs_cost.png"))
+    plot(summary, cost, cells, os.path.join(plots, "fedavg_quality_vs_cost.png"))
     print(text)
     print(f"machine: {res['meta']['machine']}; finished in {res['meta']['wall_s']:.0f} s")
     return 0
