@@ -344,8 +344,9 @@ class PrivacyConfig:
     def __post_init__(self) -> None:
         from collafuse_edge.validation import check_int
 
-        for c in (*self.cut_ratios, *self.link_cuts):
-            check_number("cut ratio", c, low=0.0, high=1.0, error=ConfigError)
+        for flag, cuts in (("--cut-ratios", self.cut_ratios), ("--link-cuts", self.link_cuts)):
+            for c in cuts:
+                check_number(f"{flag}: a cut ratio", c, low=0.0, high=1.0, error=ConfigError)
         if not self.cut_ratios:
             raise ConfigError("--cut-ratios needs at least one value in [0, 1]")
         if not (0.0 < self.holdout < 1.0):
