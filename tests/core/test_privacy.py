@@ -226,3 +226,14 @@ def test_the_trained_server_attack_does_not_beat_the_bayes_attack(tmp_path):
         for rec in (chain.numpy(), tweedie.numpy(), naive):
             s = reconstruction_scores(rec, x0)
             assert bayes.psnr_paired >= s.psnr_paired and bayes.nn_match_rate >= s.nn_match_rate, (client, s, bayes)
+
+
+def test_disclose_once_makes_the_planned_run_one_disclosure():
+    from collafuse.privacy import PrivacyConfig, privacy_report
+
+    rep = privacy_report(PrivacyConfig(max_images=200, cut_ratios=(0.4, 0.7), link_cuts=(), steps=100, batch_size=16,
+                                       disclose="once"), progress=False)
+    assert rep["planned_run"]["copies_mean"] == 1.0
+    for r in rep["rows"]:
+        assert r["run"]["reid"] == r["single"]["reid"] and r["run"]["psnr_linear"] == r["single"]["psnr_linear"]
+    assert rep["recommended_cut"]["one_disclosure"] == rep["recommended_cut"]["planned_run"]
