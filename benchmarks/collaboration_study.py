@@ -511,6 +511,14 @@ def mean_ci(values) -> dict:
     return {"mean": float(v.mean()), "ci95": half, "n": int(v.size)}
 
 
+def arm_order(name: str) -> tuple:
+    """Table order: collaborative by c, double-noise, local, split-local, central, FedAvg."""
+    for rank, prefix in enumerate(("collab-", "dn-", "local", "split-local", "central", "fedavg")):
+        if name.startswith(prefix):
+            return rank, name
+    return 99, name
+
+
 def summarise(groups: list[dict], a) -> dict:
     """Per regime and arm: mean ± CI over seeds of the client-mean metrics; paired comparisons."""
     import numpy as np
@@ -522,7 +530,7 @@ def summarise(groups: list[dict], a) -> dict:
         gs = [g for g in groups if g["regime"] == reg]
         if not gs:
             continue
-        arms = list(gs[0]["final"])
+        arms = sorted(gs[0]["final"], key=arm_order)
         cell = {}
         for arm in arms:
             per_seed = {m: [float(np.mean([c[m] for c in g["final"][arm]])) for g in gs]
@@ -646,13 +654,22 @@ def main(argv: list[str] | None = None) -> int:
             if a.reuse and os.path.exists(path):
                 with open(path, encoding="utf-8") as f:
                     saved = json.load(f)
-                if all(saved.get("settings", {}).get(k) == v for k, v in settings(a).items()):
+                have = dict(saved.get("settings", {}))
+                if "model" in have:  # written before client and server sizes were separate flags
+                    have.setdefault("client_model", have["model"])
+                    have.setdefault("server_model", have["model"])
+                if all(have.get(k) == v for k, v in settings(a).items()):
                     groups.append(saved)
+                    if seed == 0 and os.path.exists(path[:-5] + ".npz"):
+                        with np.load(path[:-5] + ".npz") as z:
+                            figs.update({f"{regime_name(regime)}/{k}": z[k] for k in z.files})
                     print(f"reused {path}", flush=True)
                     continue
             res, gf = run_group(a, regime, seed, dataset, extractor, device)
             res["settings"] = settings(a)
             atomic_write_json(path, res)
+            np.savez_compressed(path[:-5] + ".tmp.npz", **gf)
+            os.replace(path[:-5] + ".tmp.npz", path[:-5] + ".npz")
             groups.append(res)
             if seed == 0:
                 figs.update({f"{regime_name(regime)}/{k}": v for k, v in gf.items()})

@@ -148,6 +148,13 @@ def make_plots(res: dict, out_dir: str, figures_npz: str | None = None) -> list[
     return written
 
 
+def _paired(v: dict | None) -> str:
+    """'diff ± ci (ratio × ± ci, wins/seeds)' of one paired comparison."""
+    if not v:
+        return "—"
+    return f"{_pm(v['fd_diff'])} (×{_pm(v['fd_ratio'], 2)}, {v['wins']}/{v['seeds']})"
+
+
 def write_tables(res: dict, path: str | None = None) -> str:
     table, paired = res["summary"]["table"], res["summary"]["paired"]
     parts = []
@@ -167,13 +174,12 @@ def write_tables(res: dict, path: str | None = None) -> str:
         row = [reg, p["best_collab"]]
         for other in ("local", "fedavg", "central"):
             v = p["vs"].get(other)
-            row.append(f"{_pm(v['fd_diff'])} ({v['wins']}/{v['seeds']})" if v else "—")
+            row.append(_paired(v))
         sl = [k for k in p["vs"] if k.startswith("split-local")]
-        row.append("; ".join(f"{k}: {_pm(p['vs'][k]['fd_diff'])} ({p['vs'][k]['wins']}/{p['vs'][k]['seeds']})"
-                             for k in sl) or "—")
+        row.append("; ".join(f"{k}: {_paired(p['vs'][k])}" for k in sl) or "—")
         rows.append(row)
     parts.append("### Paired: best collaborative c minus the baseline (FD, per seed; negative = collaboration better; "
-                 "(wins/seeds))\n\n" + _table(["regime", "best c", "vs local", "vs FedAvg", "vs central",
+                 "the ratio best/baseline; wins/seeds)\n\n" + _table(["regime", "best c", "vs local", "vs FedAvg", "vs central",
                                               "vs split-local"], rows))
     text = "\n\n".join(parts) + "\n"
     if path:
