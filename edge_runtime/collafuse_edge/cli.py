@@ -198,7 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", type=_labels, default=None, metavar="L[,L…]",
                    help="class labels: one for every image, or one per image (default: cycling through the "
                         "classes this client knows, as recorded in the bundle; else 0, 1, 2, …)")
-    p.add_argument("--max-batch", type=positive_int, default=64, help="largest batch per denoiser call (default 64)")
+    p.add_argument("--max-batch", type=positive_int, default=64,
+                   help="largest batch per denoiser call (default 64; TensorRT's engines cover batches 1 … it, "
+                        "so give warmup the same value)")
     _add_trust_arg(p)
     _add_quiet_arg(p)
     _add_sampler_args(p, server=True)
