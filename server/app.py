@@ -215,8 +215,9 @@ def create_app(config: ServerConfig, *, run: LoadedRun | None = None) -> web.App
     data = read_data_info(config.run_dir) if run is None else run.data
     tokens = TokenStore.from_config(config, run_config.cut_ratios, run_config.schedule.num_train_timesteps)
     version, step = model_version(config.run_dir, config.server_checkpoint)
-    state = ServerState(config, run_config, data, tokens, ServerMetrics(training=config.train), model_version=version, step=step,
-                        schedule_doc=run_config.schedule.build().to_dict(), preloaded=run)
+    state = ServerState(config, run_config, data, tokens, ServerMetrics(training=config.train),
+                        model_version=version, step=step, schedule_doc=run_config.schedule.build().to_dict(),
+                        preloaded=run)
     state.metrics.set_model_version(version)
     state.server_table = server_table_at_start(config.config_file)
     body_limit = max(config.max_body_bytes, config.max_train_body_bytes if config.train else 0)

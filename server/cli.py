@@ -37,13 +37,16 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
                    help="fp32 (default; equal to in-process sampling), bf16 or fp16 autocast (faster, not equal)")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the server model")
     p.add_argument("--cuda-graphs", action="store_true", default=None, help="CUDA graphs per batch bucket (CUDA)")
-    p.add_argument("--threads", type=int, default=None, metavar="N", help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--no-batching", dest="batching", action="store_false", default=None,
                    help="serve one request at a time (baseline)")
     p.add_argument("--max-batch-rows", type=int, default=None, metavar="N", help="rows per model forward (default 256)")
     p.add_argument("--max-n", type=int, default=None, metavar="N", help="images per request (default 64)")
-    p.add_argument("--max-queue", type=int, default=None, metavar="N", help="waiting requests before 503 (default 1024)")
-    p.add_argument("--max-body-bytes", type=int, default=None, metavar="BYTES", help="request body limit (default 65536)")
+    p.add_argument("--max-queue", type=int, default=None, metavar="N",
+                   help="waiting requests before 503 (default 1024)")
+    p.add_argument("--max-body-bytes", type=int, default=None, metavar="BYTES",
+                   help="request body limit (default 65536)")
     p.add_argument("--drain-timeout", dest="drain_timeout_s", type=float, default=None, metavar="S",
                    help="seconds shutdown waits for in-flight requests (default 30)")
     p.add_argument("--tls-cert", default=None, metavar="PEM", help="serve HTTPS with this certificate chain")

@@ -301,5 +301,5 @@ def token_entry_text(token: str, client: int, name: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["PRECISIONS", "ServerConfig", "TokenEntry", "check_token_name", "hash_token", "load_server_config", "load_tokens", "new_token",
-           "read_config_file", "token_entry_text", "tokens_from"]
+__all__ = ["PRECISIONS", "ServerConfig", "TokenEntry", "check_token_name", "hash_token", "load_server_config",
+           "load_tokens", "new_token", "read_config_file", "token_entry_text", "tokens_from"]
