@@ -12,6 +12,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -78,13 +79,17 @@ def test_two_workers_scrape_as_one_target_with_exact_totals(run_dir, tmp_path):
         assert len(workers) == 2, server.output_tail()
         # known traffic until both workers have answered handoffs (their access lines carry the pid;
         # a gunicorn worker accepts connections only once its model is loaded)
+        # (concurrent requests: while one worker computes, the other accepts the next connection)
         sent = body_bytes = 0
         answered_by: set[int] = set()
-        while len(answered_by) < 2 and sent < 60:
-            body = json.dumps({"n": 1, "labels": labels_for(1, sent), "seed": sent}).encode()
-            assert _request(server.url + "/v1/handoff", body, TOKENS[0]) == 200
-            sent, body_bytes = sent + 1, body_bytes + len(body)
-            answered_by = {int(p) for p in _ACCESS.findall(server.output())}
+        with ThreadPoolExecutor(4) as pool:
+            while len(answered_by) < 2 and sent < 64:
+                bodies = [json.dumps({"n": 1, "labels": labels_for(1, i), "seed": i}).encode()
+                          for i in range(sent, sent + 4)]
+                codes = list(pool.map(lambda b: _request(server.url + "/v1/handoff", b, TOKENS[0]), bodies))
+                assert codes == [200] * 4
+                sent, body_bytes = sent + 4, body_bytes + sum(map(len, bodies))
+                answered_by = {int(p) for p in _ACCESS.findall(server.output())}
         assert answered_by == set(workers), server.output_tail()
         for _ in range(3):
             assert _request(server.url + "/nope") == 404
