@@ -56,7 +56,7 @@ class ServeProcess:
         self.cmd = [sys.executable, "-m", "collafuse.cli", "serve", "--run", run_dir, "--config", config,
                     "--port", str(self.port), "--log-level", log_level,
                     *(["--threads", str(threads)] if threads is not None else []), *extra]
-        self._log: IO[bytes] = open(log_path, "wb") if log_path is not None else tempfile.TemporaryFile()
+        self._log: IO[bytes] = open(log_path, "w+b") if log_path is not None else tempfile.TemporaryFile()
         self._final_output = ""  # a temporary file's content, kept when it is closed
         self._t0 = time.monotonic()
         try:
