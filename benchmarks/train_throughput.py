@@ -21,7 +21,6 @@ Prints a table, writes JSON with the machine.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time

@@ -145,8 +145,6 @@ class Ensemble:
 
     def member_model(self, i: int, ema: bool = True) -> torch.nn.Module:
         """Member ``i`` as an ordinary ``UNet2DModel`` (EMA weights by default), eval mode."""
-        from .models import build_unet  # noqa: F401  (the class comes from the config)
-
         m = type(self._base).from_config(self.config)
         m.load_state_dict(self.member_state(i, ema))
         return m.eval()
