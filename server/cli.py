@@ -125,20 +125,13 @@ def _print_new_token(client: int, name: str | None, as_json: bool) -> int:
 
 
 def flags_markdown() -> str:
-    """The table of ``collafuse serve``'s flags in docs/api.md, generated from the parser itself
-    (``python -m collafuse.server.cli`` prints it; a test keeps the doc equal to it)."""
+    """The table of ``collafuse serve``'s flags in docs/api.md, generated from the parser itself by
+    :func:`collafuse_edge.cli_docs.flags_table` (``python -m collafuse.server.cli`` prints it;
+    ``python -m collafuse.cli_docs --write docs/api.md`` writes every command's table)."""
+    from collafuse_edge.cli_docs import flags_table
+
     parser = argparse.ArgumentParser(prog="collafuse")
-    p = add_serve_parser(parser.add_subparsers())
-    rows = ["| flag | meaning |", "|------|---------|"]
-    for a in p._actions:
-        if not a.option_strings or a.help == argparse.SUPPRESS or a.dest == "help":
-            continue
-        flag = ", ".join(a.option_strings)
-        if a.nargs != 0:
-            flag += " " + (a.metavar or (("{" + ",".join(a.choices) + "}") if a.choices else a.dest.upper()))
-        text = (a.help or "").replace("|", "\\|")
-        rows.append(f"| `{flag}` | {text} |")
-    return "\n".join(rows) + "\n"
+    return flags_table(add_serve_parser(parser.add_subparsers()))
 
 
 if __name__ == "__main__":
