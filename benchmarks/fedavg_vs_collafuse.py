@@ -62,6 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default="tiny", help="client model size (CollaFuse clients, local, FedAvg): " + ", ".join(SIZES))
     p.add_argument("--server-model", default="tiny", help="CollaFuse server and centralised model size")
     p.add_argument("--fedavg-models", default="", help="extra FedAvg arms with these model sizes, e.g. 'small'")
+    p.add_argument("--count-models", default="client,server",
+                   help="also count (no training) FedAvg and CollaFuse client cost for these model sizes")
     p.add_argument("--sample-steps", type=int, default=50, help="DDIM calls per image (split by the cut for CollaFuse)")
     p.add_argument("--images", type=int, default=100, help="generated images per client")
     p.add_argument("--kd-subsets", type=int, default=50)
@@ -105,6 +107,10 @@ def validate(args: argparse.Namespace, p: argparse.ArgumentParser) -> None:
     for s in args.fedavg_model_list:
         if s not in SIZES:
             bad(f"--fedavg-models: {s!r} is not a model size; choose from {', '.join(SIZES)}")
+    args.count_model_list = [s for s in args.count_models.split(",") if s.strip()]
+    for s in args.count_model_list:
+        if s not in SIZES:
+            bad(f"--count-models: {s!r} is not a model size; choose from {', '.join(SIZES)}")
     args.arm_list = [a for a in args.arms.split(",") if a.strip()]
     for a in args.arm_list:
         if a not in ARMS:
@@ -351,6 +357,25 @@ def costs(args) -> dict:
     return out
 
 
+def counted_costs(args) -> dict:
+    """FedAvg vs CollaFuse client cost for other model sizes, counted only (nothing trained or
+    timed): how FedAvg's bytes grow with the model while CollaFuse's follow batch × image size."""
+    from collafuse.client_cost import collafuse_client_cost, fedavg_client_cost
+    from collafuse.config import ScheduleConfig, replace
+    from collafuse.models import build_unet
+    from collafuse_edge.schedule import client_level_count
+
+    sched = ScheduleConfig(args.timesteps).build()
+    k = client_level_count(args.cut, sched.T)
+    out = {}
+    for size in args.count_model_list:
+        m = build_unet(replace(model_config(size), num_classes=10)).eval()
+        kw = dict(batch=args.batch_size, steps=args.steps, sample_steps=args.sample_steps)
+        out[size] = {"fedavg": fedavg_client_cost(m, sched, local_steps=args.local_steps, mu=args.mu, **kw).to_dict(),
+                     "collafuse": collafuse_client_cost(m, sched, k, share_labels=True, **kw).to_dict()}
+    return out
+
+
 def latency_probe(model, schedule, args):
     """The client's sampler latency: collafuse-edge over an ONNX export (``--latency edge``;
     torch eager if the export fails) or torch eager."""
@@ -419,7 +444,7 @@ def _pm(mi: tuple[float, float], fmt: str = "{:.3g}") -> str:
     return fmt.format(m) + ("" if math.isnan(h) else " ± " + fmt.format(h))
 
 
-def tables(summary: dict, cost: dict) -> str:
+def tables(summary: dict, cost: dict, counted: dict | None = None) -> str:
     lines = ["### Quality per client (mean over clients; mean ± 95 % interval over seeds; lower is better)", "",
              "| regime | arm | FD | KD | seeds |", "|---|---|---|---|---|"]
     for r, row in summary.items():
@@ -445,6 +470,16 @@ def tables(summary: dict, cost: dict) -> str:
                      f"{c['train_peak_bytes'] / 2**20:.1f} | {c['train_wall_s_per_step'] * 1e3:.0f} | "
                      f"{c['gen_flops_per_image'] / 1e6:.0f} | {c['gen_calls_per_image']} | {lat} | "
                      f"{c['wire_bytes_per_step'] / 1e3:.1f} | {c['wire_bytes_per_image']:,} |")
+    if counted:
+        lines += ["", "### Counted client cost by model size (FedAvg | CollaFuse; nothing trained)", "",
+                  "| model | params | train MFLOP/step | train peak MB | gen MFLOP/image | wire kB/step | wire B/image |",
+                  "|---|---|---|---|---|---|---|"]
+        for size, d in counted.items():
+            f, c = d["fedavg"], d["collafuse"]
+            lines.append(f"| {size} | {f['params']:,} | {f['train_flops_per_step'] / 1e6:,.0f} | "
+                         f"{f['train_peak_bytes'] / 2**20:.1f} | {f['gen_flops_per_image'] / 1e6:,.0f} \\| "
+                         f"{c['gen_flops_per_image'] / 1e6:,.0f} | {f['wire_bytes_per_step'] / 1e3:,.1f} \\| "
+                         f"{c['wire_bytes_per_step'] / 1e3:,.1f} | 0 \\| {c['wire_bytes_per_image']:,} |")
     return "\n".join(lines) + "\n"
 
 
@@ -569,15 +604,17 @@ def main(argv: list[str] | None = None) -> int:
             cost = json.load(f)
     else:
         cost = costs(args)
+        cost["counted_by_size"] = counted_costs(args)
         atomic_write_json(cost_path, cost)
+    counted = cost.pop("counted_by_size", {})
     summary = summarise(cells)
     res = {"meta": {"command": "python benchmarks/fedavg_vs_collafuse.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                     "settings": settings, "machine": machine_description(), "torch": torch.__version__,
                     "torch_threads": args.threads, "wall_s": time.perf_counter() - t_start,
                     "cell_wall_s": {f"{c['regime']}/s{c['seed']}": c.get("wall_s") for c in cells}},
-           "summary": summary, "client_cost": cost, "cells": cells}
+           "summary": summary, "client_cost": cost, "counted_cost_by_size": counted, "cells": cells}
     atomic_write_json(os.path.join(args.out, "fedavg_vs_collafuse.json"), res)
-    text = tables(summary, cost)
+    text = tables(summary, cost, counted)
     atomic_write_text(os.path.join(args.out, "table.md"), text)
     plot(summary, cost, cells, os.path.join(plots, "fedavg_quality_vs_cost.png"))
     print(text)
