@@ -55,6 +55,7 @@ from .errors import CheckpointError, ConfigError
 from .models import build_unet, denoise
 
 DISTILL_METHODS = ("progressive", "consistency")
+WEIGHTINGS = ("landing", "truncated-snr")
 STUDENT_STEPS = (1, 2, 4, 8)
 STUDENT_FORMAT = "collafuse-distilled-student"
 STUDENT_FORMAT_VERSION = 1
@@ -75,6 +76,9 @@ class DistillConfig:
     lr: float = 1e-4
     ema_decay: float = 0.99  # the student's EMA (the weights written); consistency: also the target θ⁻
     grad_clip: float = 1.0
+    # progressive: "landing" weighs each row's x̂0 error by (α_s − σ_s/σ_t·α_t)², i.e. the squared
+    # error of where the student's step lands; "truncated-snr" is the paper's max(SNR_t, 1)
+    weighting: str = "landing"
     checkpoint_every: int = 100
     seed: int = 0
     device: str = "cpu"
@@ -83,6 +87,7 @@ class DistillConfig:
         check_int("client", self.client, low=0, error=ConfigError)
         check_choice("steps (model calls per image)", self.steps, STUDENT_STEPS, error=ConfigError)
         check_choice("method", self.method, DISTILL_METHODS, error=ConfigError)
+        check_choice("weighting", self.weighting, WEIGHTINGS, error=ConfigError)
         for name in ("teacher_steps", "start_steps", "iters", "batch_size", "checkpoint_every"):
             check_int(name, getattr(self, name), low=1, error=ConfigError)
         check_number("lr", self.lr, low=0, error=ConfigError)
@@ -158,6 +163,13 @@ def ddim_target_x0(schedule: Schedule, x_t: torch.Tensor, x_s: torch.Tensor, t: 
     return (x_s - r * x_t) / (a_s - r * a_t)
 
 
+def landing_weight(schedule: Schedule, t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """(α_s − σ_s/σ_t·α_t)²: how an x̂0 error of one DDIM step t → s moves the sample it lands on
+    (1 for the last step, s = -1)."""
+    ab_t, ab_s = _ab(schedule, t), _ab(schedule, s)
+    return (ab_s.sqrt() - ((1 - ab_s) / (1 - ab_t)).sqrt() * ab_t.sqrt()) ** 2
+
+
 def snr_weight(schedule: Schedule, t: torch.Tensor) -> torch.Tensor:
     """max(SNR_t, 1): the truncated-SNR weighting of the x̂0 loss."""
     ab = _ab(schedule, t)
@@ -166,16 +178,26 @@ def snr_weight(schedule: Schedule, t: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def teacher_steps_from(model: torch.nn.Module, schedule: Schedule, x: torch.Tensor, levels: np.ndarray,
-                       start: torch.Tensor, count: int, labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+                       start: torch.Tensor, count: int, labels: torch.Tensor | None,
+                       *, student: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Run ``count`` deterministic DDIM steps of ``model`` from x at per-row timetable index
-    ``start`` (over ``levels``, ending at -1). Returns (sample, its per-row level)."""
+    ``start`` (over ``levels``, ending at -1). Returns (sample, its per-row level). The site's model
+    steps as its DDIM sampler does (x̂0 clipped); a ``student`` teacher as the distilled sampler
+    does (x̂0 unclipped, the clean image clipped)."""
+    import dataclasses
+
+    free = dataclasses.replace(schedule, clip_sample=False) if student else schedule
     lv = torch.from_numpy(np.append(levels, -1)).to(x.device)
     idx = start.clone()
     for _ in range(count):
         t, prev = lv[idx], lv[idx + 1]
         eps = denoise(model, x, t, labels)
-        x = ddim_step(schedule, x, eps, t.cpu().numpy(), prev.cpu().numpy())
+        x = ddim_step(free, x, eps, t.cpu().numpy(), prev.cpu().numpy())
         idx = idx + 1
+    if student and schedule.clip_sample:
+        done = (lv[idx] < 0).view(-1, 1, 1, 1)
+        r = schedule.clip_sample_range
+        x = torch.where(done, x.clamp(-r, r), x)
     return x, lv[idx]
 
 
@@ -435,10 +457,12 @@ class Distiller:
             i = torch.randint(n, (B,), generator=self.gen).to(self.device)
             t = torch.from_numpy(fine).to(self.device)[i * m]
             x_t = self._noised(x0, t)
-            x_s, s = teacher_steps_from(self.stage_teacher, self.schedule, x_t, fine, i * m, m, lab)
+            x_s, s = teacher_steps_from(self.stage_teacher, self.schedule, x_t, fine, i * m, m, lab,
+                                        student=st.teacher != "model")
             target = ddim_target_x0(self.schedule, x_t, x_s, t, s)
             pred = x0_from_eps(self.schedule, x_t, denoise(model, x_t, t, lab), t)
-            return (snr_weight(self.schedule, t) * (pred - target) ** 2).mean()
+            w = landing_weight(self.schedule, t, s) if self.dc.weighting == "landing" else snr_weight(self.schedule, t)
+            return (w * (pred - target) ** 2).mean()
         # consistency distillation over the teacher's fine timetable
         fine = distilled_timetable(self.k, st.substeps).levels
         j = torch.randint(len(fine), (B,), generator=self.gen).to(self.device)
@@ -528,12 +552,12 @@ def distill(run_dir: str, dc: DistillConfig, out_dir: str | None = None, *, resu
 @torch.no_grad()
 def student_finish(student: Student, schedule: Schedule, handoff: torch.Tensor, labels=None,
                    *, seed: int = 0) -> torch.Tensor:
-    """The student's N deterministic DDIM steps from handoff samples (level k-1) to images: the
-    torch twin of the edge sampler ``SamplerConfig("distilled", N)``."""
-    from .sampling import run_levels
+    """The student's N deterministic DDIM steps from handoff samples (level k-1) to images
+    (:func:`collafuse.sampling.run_distilled`): the torch twin of the edge sampler
+    ``SamplerConfig("distilled", N)``."""
+    from .sampling import run_distilled
 
-    return run_levels(student.model, schedule, handoff, student.timetable, labels, sampler="ddim", eta=0.0,
-                      seed=seed)
+    return run_distilled(student.model, schedule, handoff, student.timetable, labels, seed=seed)
 
 
 __all__ = ["DISTILL_METHODS", "STUDENT_STEPS", "DistillConfig", "DistillResult", "Distiller", "Stage", "Student",

@@ -72,6 +72,22 @@ def run_levels(
     return x
 
 
+def run_distilled(model: torch.nn.Module, schedule: Schedule, x: torch.Tensor, timetable: Timetable, labels=None,
+                  *, seed: int = 0, progress: bool = False) -> torch.Tensor:
+    """A distilled student's sampler (``SamplerConfig("distilled", N)`` on the edge): deterministic
+    DDIM steps over ``timetable`` with x̂0 left unclipped between steps — the student was trained to
+    land on its teacher's samples through the unclipped step — and the final image clipped to the
+    schedule's range."""
+    import dataclasses
+
+    free = dataclasses.replace(schedule, clip_sample=False)
+    x = run_levels(model, free, x, timetable, labels, sampler="ddim", eta=0.0, seed=seed, progress=progress,
+                   desc="client (distilled)")
+    if schedule.clip_sample:
+        x = x.clamp(-schedule.clip_sample_range, schedule.clip_sample_range)
+    return x
+
+
 @dataclass(frozen=True)
 class SplitSample:
     handoff: torch.Tensor  # [B,C,H,W], the sample at level k-1 (what the server sends)
@@ -112,8 +128,7 @@ def split_sample(
     handoff = x.clone()
     distilled = getattr(client_model, "distilled_timetable", None)
     if distilled is not None:  # a few-step student (collafuse.distill.load_student): its own timetable
-        x = run_levels(client_model, schedule, x, distilled, labels, sampler="ddim", eta=0.0, seed=seed,
-                       progress=progress, desc="client (distilled)")
+        x = run_distilled(client_model, schedule, x, distilled, labels, seed=seed, progress=progress)
     else:
         x = run_levels(client_model, schedule, x, client_timetable(k, client_steps), labels,
                        sampler=sampler, eta=eta, seed=seed, progress=progress, desc="client")

@@ -13,6 +13,7 @@ Example::
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -35,7 +36,8 @@ class SamplerConfig:
     """Which reverse process the client runs over its levels k-1 … 0.
 
     ``"distilled"`` is a few-step student's sampler: deterministic DDIM steps (eta = 0) over the
-    ``steps`` levels of :func:`schedule.distilled_timetable` (what a distilled bundle records).
+    ``steps`` levels of :func:`schedule.distilled_timetable` (what a distilled bundle records),
+    x̂0 unclipped between steps and the final image clipped (see :func:`finish`).
     """
 
     sampler: str = "ddpm"  # "ddpm" (ancestral, every level), "ddim" or "distilled"
@@ -165,5 +167,13 @@ def finish(
 ) -> np.ndarray:
     """Finish handoff samples ``[B,C,H,W]`` (at level ``client_levels - 1``) to clean images."""
     tt = config.timetable(client_levels)
+    if config.sampler == DISTILLED:
+        # a distilled student's steps leave x̂0 unclipped (it was trained to land on its teacher's
+        # samples through the unclipped step); the final image is clipped to the schedule's range
+        free = dataclasses.replace(schedule, clip_sample=False)
+        x = run_levels(denoise, free, handoff, tt, labels, sampler="ddim", eta=0.0, seed=seed, callback=callback)
+        if schedule.clip_sample:
+            x = x.clip(-schedule.clip_sample_range, schedule.clip_sample_range)
+        return x
     return run_levels(denoise, schedule, handoff, tt, labels, sampler=config.step_kind,
                       eta=config.eta, seed=seed, callback=callback)

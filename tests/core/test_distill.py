@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from collafuse.cli import main
-from collafuse.distill import (DistillConfig, Distiller, ddim_target_x0, distill, load_student, stages,
-                               student_finish, student_paths)
+from collafuse.distill import (DistillConfig, Distiller, ddim_target_x0, distill, landing_weight, load_student,
+                               stages, student_finish, student_paths)
 from collafuse.errors import ConfigError
 from collafuse.sampling import split_sample
 from collafuse.train import train
@@ -55,6 +55,11 @@ def test_ddim_target_lands_exactly_where_the_teacher_landed():
     x_s = ddim_step(s, x_t, eps, t.numpy(), prev.numpy())
     target = ddim_target_x0(s, x_t.float(), x_s.float(), t, prev).double()
     assert torch.allclose(target, x0, atol=2e-4)
+    # the landing weight is how far an x̂0 error moves the landing sample: 1 on the last step
+    w = landing_weight(s, t, prev).view(-1)
+    assert torch.allclose(w[1::2], torch.ones(3)) and bool((w[0::2] < 1).all())
+    moved = ddim_step(s, x_t, eps - (x0 * 0 + 0.1) * ab.sqrt() / (1 - ab).sqrt(), t.numpy(), prev.numpy())
+    assert torch.allclose(((moved - x_s) ** 2).mean(dim=(1, 2, 3)), 0.01 * w.double(), rtol=1e-3)
 
 
 def test_stages_halve_to_n_and_reject_bad_settings():
@@ -63,7 +68,8 @@ def test_stages_halve_to_n_and_reject_bad_settings():
     assert [s.teacher for s in stages(DistillConfig(steps=4), 600)] == ["model", "student_n8"]
     assert len(stages(DistillConfig(steps=4, method="consistency"), 600)) == 1
     for bad in (dict(steps=3), dict(method="x"), dict(steps=4, start_steps=12), dict(iters=0),
-                dict(teacher_steps=12, start_steps=8), dict(ema_decay=1.0), dict(lr=float("nan"))):
+                dict(teacher_steps=12, start_steps=8), dict(ema_decay=1.0), dict(lr=float("nan")),
+                dict(weighting="snr")):
         with pytest.raises(ConfigError):
             DistillConfig(**bad)
 

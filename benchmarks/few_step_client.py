@@ -1,0 +1,365 @@
+"""A few-step client, measured: distilled students against the teacher's full segment and DDIM
+with the same number of client calls (docs/results.md, "A few-step client").
+
+Three parts, each printing a table and writing JSON (``--part all`` runs them in order):
+
+* ``method`` — progressive vs consistency distillation on one client (same number of optimisation
+  steps, same data, same teacher), FD/KD at N = 1, 2, 4, 8: which method the product uses.
+* ``quality`` — per cut ratio (one client each) and per seed: distil (progressive chain 8 → 1,
+  seeded), then FD/KD in classifier feature space against the client's held-out images for the
+  teacher's full segment (DDPM, every level), DDIM with N client calls and the distilled N-step
+  student, N = 1, 2, 4, 8. The server's levels are the same for every row of a seed (the handoff
+  samples are computed once), so rows differ only in the client's part. Mean and 95 % t-interval
+  over seeds.
+* ``cost`` — per row: client FLOPs per image (counted with torch's FlopCounterMode × calls, and
+  as a share of generating fully locally with the same model over all T levels), edge latency per
+  image at B = 1 and 16 (exported bundles on onnxruntime's CPU provider, 2 threads, the whole
+  client loop of ``collafuse-edge``), bytes on the wire per image; and a sample grid per row
+  (docs/img/few_step_grid.png).
+
+    python benchmarks/few_step_client.py --run RUN --part all --out docs/data
+
+RUN is a ``collafuse train`` run with one client per cut ratio (e.g. ``--clients 2 --partition
+iid --cut-ratio 0.6,0.2``). Sizes (images, iterations, seeds) are flags; the JSON records them
+and the machine.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+STEPS = (8, 4, 2, 1)
+
+
+def _machine() -> dict:
+    from collafuse_edge.bench import machine_description
+
+    return machine_description()
+
+
+def _t_interval(values: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of a 95 % Student-t interval."""
+    v = np.asarray(values, dtype=np.float64)
+    if v.size < 2:
+        return float(v.mean()), float("nan")
+    from scipy import stats
+
+    half = stats.t.ppf(0.975, v.size - 1) * v.std(ddof=1) / math.sqrt(v.size)
+    return float(v.mean()), float(half)
+
+
+class Setup:
+    """A run, its feature extractor and per-client data, shared by the parts."""
+
+    def __init__(self, run_dir: str, threads: int):
+        import torch
+
+        from collafuse.checkpoint import load_run
+        from collafuse.data import load_dataset, partition
+        from collafuse.evaluate import EvalConfig, feature_extractor
+
+        torch.set_num_threads(threads)
+        self.run = load_run(run_dir)
+        self.run_dir = run_dir
+        self.extractor, self.feature_info = feature_extractor(self.run, EvalConfig())
+        cfg = self.run.config
+        self.truths = partition(load_dataset(cfg.data.source, cfg.data.image_size), cfg.data)
+        self._real = {}
+
+    def k(self, client: int) -> int:
+        return self.run.config.client_levels[client]
+
+    def handoff(self, client: int, n: int, seed: int, server_steps: int):
+        """Handoff samples of ``n`` images (labels cycling through the client's classes): the
+        server's DDIM over ``server_steps`` levels from initial_noise(seed)."""
+        import torch
+
+        from collafuse.evaluate import cycle_labels
+        from collafuse.sampling import run_levels
+        from collafuse_edge.noise import initial_noise
+        from collafuse_edge.schedule import server_timetable
+
+        run, k = self.run, self.k(client)
+        labels = cycle_labels(self.truths[client].classes, n)
+        x = torch.from_numpy(initial_noise(seed, (n, run.data.channels, run.data.image_size, run.data.image_size)))
+        share = run.config.server_conditioning == "label"
+        x = run_levels(run.server, run.schedule, x, server_timetable(run.schedule.T, k, server_steps),
+                       labels if share else None, sampler="ddim", seed=seed)
+        return x, labels
+
+    def finish(self, client: int, x, labels, row: str, seed: int, student=None):
+        """The client's part of one row: "full" (DDPM, every level), "ddim-N" or "distilled-N"."""
+        from collafuse.distill import student_finish
+        from collafuse.sampling import run_levels
+        from collafuse_edge.schedule import client_timetable
+
+        run, k = self.run, self.k(client)
+        lab = labels if run.config.class_conditional else None
+        if row == "full":
+            return run_levels(run.clients[client], run.schedule, x, client_timetable(k, None), lab, sampler="ddpm",
+                              seed=seed)
+        kind, n = row.split("-")
+        if kind == "ddim":
+            return run_levels(run.clients[client], run.schedule, x, client_timetable(k, int(n)), lab, sampler="ddim",
+                              seed=seed)
+        return student_finish(student, run.schedule, x, lab, seed=seed)
+
+    def quality(self, client: int, images, seed: int) -> dict:
+        from collafuse.metrics import quality_scores
+
+        truth = self.truths[client]
+        if client not in self._real:
+            self._real[client] = self.extractor.features(truth.test_images)
+        q = quality_scores(images.float().numpy(), truth.test_images, self.extractor, real_features=self._real[client],
+                           num_subsets=50, subset_size=min(len(images), len(truth.test_images)), seed=seed)
+        return {"fd": q.fd, "kd": q.kd_mean}
+
+
+def _distil(run_dir: str, client: int, method: str, iters: int, batch: int, seed: int, out: str, steps: int = 1,
+            teacher_steps: int = 64, start_steps: int = 8):
+    from collafuse.distill import DistillConfig, distill
+
+    dc = DistillConfig(client=client, steps=steps, method=method, teacher_steps=teacher_steps, start_steps=start_steps,
+                       iters=iters, batch_size=batch, lr=1e-4 if method == "progressive" else 5e-5,
+                       ema_decay=0.99 if method == "progressive" else 0.95, checkpoint_every=max(iters, 1), seed=seed)
+    t0 = time.perf_counter()
+    res = distill(run_dir, dc, out, progress=False)
+    return res, time.perf_counter() - t0
+
+
+def _distil_every_n(setup: "Setup", client: int, args, seed: int, out: str) -> tuple[dict, float, int]:
+    """Students N = 8, 4 and 2 each distilled straight from the teacher's ``teacher_steps``-level
+    DDIM (one stage each), and N = 1 halved from the N = 2 student (a second stage). Returns
+    ({N: student json}, wall seconds, optimisation steps)."""
+    paths, wall, steps = {}, 0.0, 0
+    for n, start in ((8, 8), (4, 4), (1, 2)):
+        res, w = _distil(setup.run_dir, client, "progressive", args.iters, args.batch, seed,
+                         os.path.join(out, f"n{n}"), steps=n, teacher_steps=args.teacher_steps, start_steps=start)
+        paths.update(res.students)
+        wall, steps = wall + w, steps + res.step
+    return paths, wall, steps
+
+
+def _load_students(res, setup: Setup) -> dict:
+    from collafuse.distill import load_student
+
+    return {n: load_student(p, setup.run) for n, p in res.students.items()}
+
+
+def _table(rows: list[dict], cols: list[str]) -> str:
+    def cell(v):
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return str(v)
+
+    table = [cols] + [[cell(r.get(c, "")) for c in cols] for r in rows]
+    w = [max(len(r[i]) for r in table) for i in range(len(cols))]
+    return "\n".join("  ".join(v.rjust(x) for v, x in zip(r, w)) for r in table)
+
+
+# ------------------------------------------------------------------------------------ parts
+
+
+def part_method(setup: Setup, args, work: str) -> dict:
+    """Progressive vs consistency distillation on client ``args.method_client``, one seed."""
+    client = args.method_client
+    x, lab = setup.handoff(client, args.images, seed=100, server_steps=args.server_steps)
+    rows, timing = [], {}
+    for method, iters in (("progressive", args.iters), ("consistency", args.iters * 4)):
+        res, wall = _distil(setup.run_dir, client, method, iters, args.batch, 0, os.path.join(work, f"m_{method}"),
+                            steps=8 if method == "consistency" else 1)
+        timing[method] = {"optimisation_steps": res.step, "wall_s": wall}
+        students = _load_students(res, setup)
+        for n in STEPS:
+            img = setup.finish(client, x, lab, f"distilled-{n}", 100, students[n])
+            rows.append({"method": method, "N": n, **setup.quality(client, img, 100)})
+        print(f"  {method}: {res.step} optimisation steps in {wall:.0f} s", flush=True)
+    for n in STEPS:
+        img = setup.finish(client, x, lab, f"ddim-{n}", 100)
+        rows.append({"method": "ddim (no distillation)", "N": n, **setup.quality(client, img, 100)})
+    print(_table(rows, ["method", "N", "fd", "kd"]))
+    return {"client": client, "cut_ratio": setup.run.config.cut_ratios[client], "images": args.images,
+            "iters_per_stage_progressive": args.iters, "iters_consistency": args.iters * 4, "batch": args.batch,
+            "timing": timing, "rows": rows}
+
+
+def part_quality(setup: Setup, args, work: str) -> dict:
+    cfg = setup.run.config
+    per = []  # one record per (client, seed, row)
+    timing = []
+    for client in args.clients:
+        for seed in args.seeds:
+            paths, wall, n_steps = _distil_every_n(setup, client, args, seed, os.path.join(work, f"q_c{client}_s{seed}"))
+            timing.append({"client": client, "seed": seed, "distill_wall_s": wall, "optimisation_steps": n_steps})
+            from collafuse.distill import load_student
+
+            students = {n: load_student(p, setup.run) for n, p in paths.items()}
+            t0 = time.perf_counter()
+            x, lab = setup.handoff(client, args.images, seed=seed, server_steps=args.server_steps)
+            rows = ["full"] + [f"ddim-{n}" for n in STEPS] + [f"distilled-{n}" for n in STEPS]
+            for row in rows:
+                st = students[int(row.split("-")[1])] if row.startswith("distilled") else None
+                img = setup.finish(client, x, lab, row, seed, st)
+                per.append({"client": client, "cut_ratio": cfg.cut_ratios[client], "seed": seed, "row": row,
+                            **setup.quality(client, img, seed)})
+            timing[-1]["eval_wall_s"] = time.perf_counter() - t0
+            print(f"  client {client} (c = {cfg.cut_ratios[client]}) seed {seed}: distilled in {wall:.0f} s, "
+                  f"evaluated in {timing[-1]['eval_wall_s']:.0f} s", flush=True)
+    summary = []
+    for client in args.clients:
+        full_fd = [r["fd"] for r in per if r["client"] == client and r["row"] == "full"]
+        for row in ["full"] + [f"{kind}-{n}" for n in STEPS for kind in ("ddim", "distilled")]:
+            sel = [r for r in per if r["client"] == client and r["row"] == row]
+            fd, fd_ci = _t_interval([r["fd"] for r in sel])
+            kd, kd_ci = _t_interval([r["kd"] for r in sel])
+            ratio = _t_interval([r["fd"] / f for r, f in zip(sel, full_fd)])
+            summary.append({"c": cfg.cut_ratios[client], "row": row, "calls": setup.k(client) if row == "full"
+                            else int(row.split("-")[1]), "fd": fd, "fd_ci95": fd_ci, "kd": kd, "kd_ci95": kd_ci,
+                            "fd_vs_full": ratio[0], "fd_vs_full_ci95": ratio[1], "seeds": len(sel)})
+    print(_table(summary, ["c", "row", "calls", "fd", "fd_ci95", "fd_vs_full", "kd", "kd_ci95"]))
+    return {"clients": args.clients, "seeds": args.seeds, "images": args.images, "iters_per_stage": args.iters,
+            "batch": args.batch, "teacher_steps": args.teacher_steps, "server_steps": args.server_steps,
+            "students": "N=8, 4, 2 one stage each from the teacher's DDIM; N=1 halved from N=2",
+            "timing": timing, "per_seed": per,
+            "summary": summary}
+
+
+def part_cost(setup: Setup, args, work: str, students_dir: str | None) -> dict:
+    from collafuse.models import count_flops
+    from collafuse_edge.bench import time_runs
+    from collafuse_edge.noise import initial_noise
+    from collafuse_edge.runtime import EdgeRuntime, Handoff
+    from collafuse_edge.sampler import SamplerConfig
+    from collafuse_edge.session import SessionConfig
+    from export.client_export import export_client
+    from export.exporter import ExportConfig
+
+    client = args.cost_client
+    run, k, T = setup.run, setup.k(client), setup.run.schedule.T
+    if students_dir is None:
+        paths, _, _ = _distil_every_n(setup, client, args, 0, os.path.join(work, "c_s0"))
+    else:  # a folder holding student_n{N}.json, or one sub-folder per run (n8/, n4/, n1/)
+        import glob
+
+        paths = {int(os.path.basename(p)[len("student_n"):-len(".json")]): p
+                 for p in glob.glob(os.path.join(students_dir, "**", "student_n*.json"), recursive=True)}
+    flops_call = count_flops(run.clients[client])
+    local = flops_call * T
+    pixels = run.data.channels * run.data.image_size ** 2
+    wire = 4 * pixels + (8 if run.config.server_conditioning == "label" else 0)
+    cfg = ExportConfig(measure_speed=False)
+    teacher_b = export_client(setup.run_dir, client, os.path.join(work, "b_teacher"), cfg, overwrite=True).bundle_dir
+    sess = SessionConfig(intra_op_threads=2)
+    rows, grid = [], []
+    x_h, lab = setup.handoff(client, 16, seed=0, server_steps=args.server_steps)
+    for row in ["full"] + [f"ddim-{n}" for n in STEPS] + [f"distilled-{n}" for n in STEPS]:
+        kind = row.split("-")[0]
+        if kind == "distilled":
+            n = int(row.split("-")[1])
+            b = export_client(setup.run_dir, client, os.path.join(work, f"b_{row}"), cfg, overwrite=True,
+                              student=paths[n]).bundle_dir
+            sampler, calls = SamplerConfig(), n
+        else:
+            b = teacher_b
+            sampler = SamplerConfig("ddpm") if kind == "full" else SamplerConfig("ddim", int(row.split("-")[1]))
+            calls = k if kind == "full" else int(row.split("-")[1])
+        rt = EdgeRuntime.open(b, sess)
+        rec = {"row": row, "calls": calls, "client_mflop_per_image": flops_call * calls / 1e6,
+               "share_of_local_pct": 100.0 * flops_call * calls / local, "wire_bytes_per_image": wire}
+        for B in (1, 16):
+            h = Handoff(initial_noise(0, (B, *rt.bundle.image_shape)), rt.bundle.handoff_level, seed=0)
+            lb = rt.labels_for(B)
+            runs = 3 if kind == "full" else 30
+            secs = time_runs(lambda: rt.finish(h, lb, sampler=sampler), runs=runs, warmup=1, budget_s=60)
+            rec[f"ms_per_image_b{B}"] = float(np.median(secs)) * 1e3 / B
+        h = Handoff(x_h.numpy(), rt.bundle.handoff_level, seed=0, labels=lab)
+        grid.append(rt.finish(h, sampler=sampler)[:16])
+        rows.append(rec)
+    print(_table(rows, ["row", "calls", "client_mflop_per_image", "share_of_local_pct", "ms_per_image_b1",
+                        "ms_per_image_b16", "wire_bytes_per_image"]))
+    return {"client": client, "cut_ratio": run.config.cut_ratios[client], "client_levels": k, "T": T,
+            "flops_per_call": flops_call, "local_flops_per_image": local, "onnxruntime_threads": 2,
+            "rows": rows, "grid": np.stack(grid)}
+
+
+def write_grid(grid: np.ndarray, rows: list[str], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n_rows, n_img = grid.shape[0], grid.shape[1]
+    fig, axes = plt.subplots(n_rows, 1, figsize=(n_img * 0.45, n_rows * 0.55))
+    for ax, g, name in zip(axes, grid, rows):
+        strip = np.concatenate([np.clip((im[0] + 1) / 2, 0, 1) for im in g], axis=1)
+        ax.imshow(strip, cmap="gray", vmin=0, vmax=1)
+        ax.set_yticks([])
+        ax.set_xticks([])
+        ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=7)
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--run", required=True)
+    p.add_argument("--part", choices=("method", "quality", "cost", "all"), default="all")
+    p.add_argument("--out", default="docs/data", help="folder for few_step_client_<part>.json")
+    p.add_argument("--img", default="docs/img", help="folder for the sample grid")
+    p.add_argument("--work", default=None, help="scratch folder (students, bundles); default a temp dir")
+    p.add_argument("--clients", type=lambda s: [int(v) for v in s.split(",")], default=[0, 1])
+    p.add_argument("--method-client", type=int, default=0)
+    p.add_argument("--cost-client", type=int, default=0)
+    p.add_argument("--students", default=None, help="cost: a folder of students to export (default: distil one)")
+    p.add_argument("--seeds", type=lambda s: [int(v) for v in s.split(",")], default=[0, 1, 2])
+    p.add_argument("--images", type=int, default=200, help="generated images per (client, seed, row)")
+    p.add_argument("--iters", type=int, default=150, help="optimisation steps per progressive stage")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--teacher-steps", type=int, default=32, help="DDIM levels of the teacher's sampler")
+    p.add_argument("--server-steps", type=int, default=20, help="server DDIM levels for the handoff samples")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    for name in ("images", "iters", "batch", "server_steps", "threads", "teacher_steps"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be ≥ 1")
+    from collafuse_edge.files import atomic_write_json, jsonable
+
+    os.makedirs(args.out, exist_ok=True)
+    work = args.work or tempfile.mkdtemp(prefix="few_step_")
+    os.makedirs(work, exist_ok=True)
+    setup = Setup(args.run, args.threads)
+    parts = ("method", "quality", "cost") if args.part == "all" else (args.part,)
+    for part in parts:
+        t0 = time.perf_counter()
+        print(f"== {part}", flush=True)
+        if part == "method":
+            res = part_method(setup, args, work)
+        elif part == "quality":
+            res = part_quality(setup, args, work)
+        else:
+            res = part_cost(setup, args, work, args.students)
+            os.makedirs(args.img, exist_ok=True)
+            write_grid(res.pop("grid"), [r["row"] for r in res["rows"]], os.path.join(args.img, "few_step_grid.png"))
+        res.update({"part": part, "run": os.path.abspath(args.run), "run_step": setup.run.step,
+                    "feature_net": setup.feature_info, "machine": _machine(), "torch_threads": args.threads,
+                    "wall_s": time.perf_counter() - t0})
+        path = os.path.join(args.out, f"few_step_client_{part}.json")
+        atomic_write_json(path, jsonable(res))
+        print(f"wrote {path} ({res['wall_s']:.0f} s)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
