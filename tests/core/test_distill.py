@@ -181,3 +181,23 @@ def test_cli_distils_and_validates(tiny_run, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["distill", "--run", tiny_run, "--client", "0", "--steps", "3"])
     assert e.value.code == 2
+
+
+def test_evaluate_scores_a_student_with_its_own_calls(tiny_run, tmp_path, capsys):
+    from collafuse.data import load_digits
+    from collafuse.metrics.features_train import train_feature_classifier
+
+    d = load_digits(16)
+    stem = str(tmp_path / "net")
+    train_feature_classifier(d.images, d.labels, 10, epochs=1, progress=False).save(stem)
+    res = distill(tiny_run, DistillConfig(steps=2, **TINY), str(tmp_path / "e"), progress=False)
+    out = str(tmp_path / "eval")
+    rc = main(["evaluate", "--run", tiny_run, "--student", res.students[2], "-n", "6", "--disclosed", "4",
+               "--no-attack", "--latency", "none", "--kd-subsets", "2", "--feature-net", stem,
+               "--out", out, "--json"])
+    assert rc == 0
+    rep = json.loads(capsys.readouterr().out)
+    costs = {c["client"]: c["cost"] for c in rep["clients"]}
+    assert costs[0]["client_calls"] == 2  # the student's two calls, not the sampler's thinned timetable
+    assert costs[1]["client_calls"] > 2
+    assert rep["config"]["student"] == res.students[2]
