@@ -149,12 +149,6 @@ def _distil_every_n(setup: "Setup", client: int, args, seed: int, out: str) -> t
     return paths, wall, steps
 
 
-def _load_students(res, setup: Setup) -> dict:
-    from collafuse.distill import load_student
-
-    return {n: load_student(p, setup.run) for n, p in res.students.items()}
-
-
 def _table(rows: list[dict], cols: list[str]) -> str:
     def cell(v):
         if isinstance(v, float):
@@ -170,25 +164,44 @@ def _table(rows: list[dict], cols: list[str]) -> str:
 
 
 def part_method(setup: Setup, args, work: str) -> dict:
-    """Progressive vs consistency distillation on client ``args.method_client``, one seed."""
+    """Progressive vs consistency distillation on client ``args.method_client``, one seed, the same
+    number of optimisation steps, the same teacher and data."""
     client = args.method_client
     x, lab = setup.handoff(client, args.images, seed=100, server_steps=args.server_steps)
     rows, timing = [], {}
-    for method, iters in (("progressive", args.iters), ("consistency", args.iters * 4)):
-        res, wall = _distil(setup.run_dir, client, method, iters, args.batch, 0, os.path.join(work, f"m_{method}"),
-                            steps=8 if method == "consistency" else 1)
-        timing[method] = {"optimisation_steps": res.step, "wall_s": wall}
-        students = _load_students(res, setup)
+    from collafuse.distill import load_student
+    from collafuse.sampling import run_levels
+    from collafuse_edge.schedule import distilled_timetable
+
+    # what both methods imitate: the teacher's DDIM over its teacher_steps levels, from the same samples
+    k = setup.k(client)
+    ref = run_levels(setup.run.clients[client], setup.run.schedule, x, distilled_timetable(k, min(args.teacher_steps, k)),
+                     lab if setup.run.config.class_conditional else None, sampler="ddim", seed=100)
+
+    def mse(img) -> float:
+        return float(((img - ref) ** 2).mean())
+
+    for method in ("progressive", "consistency"):
+        if method == "progressive":  # the product's recipe: N = 8, 4, 2 from the teacher, N = 1 halved from 2
+            paths, wall, n_steps = _distil_every_n(setup, client, args, 0, os.path.join(work, "m_progressive"))
+        else:  # one consistency model for every N, as many optimisation steps in all
+            res, wall = _distil(setup.run_dir, client, method, args.iters * 4, args.batch, 0,
+                                os.path.join(work, "m_consistency"), steps=8, teacher_steps=args.teacher_steps)
+            paths, n_steps = res.students, res.step
+        timing[method] = {"optimisation_steps": n_steps, "wall_s": wall}
+        students = {n: load_student(p, setup.run) for n, p in paths.items()}
         for n in STEPS:
             img = setup.finish(client, x, lab, f"distilled-{n}", 100, students[n])
-            rows.append({"method": method, "N": n, **setup.quality(client, img, 100)})
-        print(f"  {method}: {res.step} optimisation steps in {wall:.0f} s", flush=True)
+            rows.append({"method": method, "N": n, **setup.quality(client, img, 100), "mse_to_teacher": mse(img)})
+        print(f"  {method}: {n_steps} optimisation steps in {wall:.0f} s", flush=True)
     for n in STEPS:
         img = setup.finish(client, x, lab, f"ddim-{n}", 100)
-        rows.append({"method": "ddim (no distillation)", "N": n, **setup.quality(client, img, 100)})
-    print(_table(rows, ["method", "N", "fd", "kd"]))
+        rows.append({"method": "ddim (no distillation)", "N": n, **setup.quality(client, img, 100),
+                     "mse_to_teacher": mse(img)})
+    print(_table(rows, ["method", "N", "fd", "kd", "mse_to_teacher"]))
     return {"client": client, "cut_ratio": setup.run.config.cut_ratios[client], "images": args.images,
             "iters_per_stage_progressive": args.iters, "iters_consistency": args.iters * 4, "batch": args.batch,
+            "teacher_steps": args.teacher_steps,
             "timing": timing, "rows": rows}
 
 
