@@ -55,10 +55,11 @@ def add_distill_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
                    help="progressive (default: halving stages, every stage's student kept) or consistency")
     p.add_argument("--out", default=None, metavar="DIR", help="where students and checkpoints go "
                                                               "(default RUN/distill/client_K)")
-    p.add_argument("--teacher-steps", type=positive_int, default=64, metavar="M",
-                   help="DDIM levels of the teacher's sampler over the segment (default 64)")
+    p.add_argument("--teacher-steps", type=positive_int, default=32, metavar="M",
+                   help="DDIM levels of the teacher's sampler over the segment (default 32)")
     p.add_argument("--start-steps", type=positive_int, default=None, metavar="S",
-                   help="progressive: the first stage's student steps, N times a power of two (default max(8, N))")
+                   help="progressive: the first stage's student steps, N times a power of two; each later stage "
+                        "halves them (default N, and 2 for N = 1)")
     p.add_argument("--iters", type=positive_int, default=300, help="optimisation steps per stage (default 300)")
     p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--lr", type=_positive_float, default=1e-4)
@@ -77,7 +78,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     from .train import resolve_device
 
     dc = DistillConfig(client=args.client, steps=args.steps, method=args.method, teacher_steps=args.teacher_steps,
-                       start_steps=args.start_steps or max(8, args.steps), iters=args.iters,
+                       start_steps=args.start_steps, iters=args.iters,
                        batch_size=args.batch_size, lr=args.lr, ema_decay=args.ema_decay,
                        checkpoint_every=args.checkpoint_every, seed=args.seed,
                        device=str(resolve_device(args.device)))

@@ -63,9 +63,12 @@ def test_ddim_target_lands_exactly_where_the_teacher_landed():
 
 
 def test_stages_halve_to_n_and_reject_bad_settings():
-    assert [(s.student_steps, s.substeps) for s in stages(DistillConfig(steps=1), 600)] == \
-        [(8, 8), (4, 2), (2, 2), (1, 2)]
-    assert [s.teacher for s in stages(DistillConfig(steps=4), 600)] == ["model", "student_n8"]
+    assert [(s.student_steps, s.substeps) for s in stages(DistillConfig(steps=1, start_steps=8, teacher_steps=64),
+                                                          600)] == [(8, 8), (4, 2), (2, 2), (1, 2)]
+    assert [s.teacher for s in stages(DistillConfig(steps=4, start_steps=8), 600)] == ["model", "student_n8"]
+    # the default: one stage straight from the teacher, and N = 1 halved from N = 2
+    assert [(s.student_steps, s.substeps) for s in stages(DistillConfig(steps=4), 600)] == [(4, 8)]
+    assert [(s.student_steps, s.substeps) for s in stages(DistillConfig(steps=1), 600)] == [(2, 16), (1, 2)]
     assert len(stages(DistillConfig(steps=4, method="consistency"), 600)) == 1
     for bad in (dict(steps=3), dict(method="x"), dict(steps=4, start_steps=12), dict(iters=0),
                 dict(teacher_steps=12, start_steps=8), dict(ema_decay=1.0), dict(lr=float("nan")),
