@@ -3,12 +3,14 @@
 # numeric parity of one bundle arm64 vs this machine (x86).
 #
 # Opt-in (not in .ci/run): it needs root, installs qemu-user-static + debootstrap, mounts
-# binfmt_misc and registers qemu-aarch64 system-wide. The userland is built once (~7.5 min) under
-# $ARM64_ROOT and reused; later runs only refresh the package and run the tests (~2 min).
+# binfmt_misc and registers qemu-aarch64 system-wide. The userland is built once (~7.5-13 min) under
+# $ARM64_ROOT and reused; later runs only refresh the package (~3 min) and run the tests
+# (~2 min on idle cores; 5.5 min measured at load 12).
 #
 # Two traps this script handles:
-#  1. onnxruntime aborts on import under qemu-user 7.2 (it reads /proc/cpuinfo and finds x86
-#     fields): the chroot gets a small fake arm64 /proc/cpuinfo bind-mounted over the real one.
+#  1. onnxruntime crashes on import under qemu-user 7.2: its CPU detection reads /proc/cpuinfo and
+#     /sys and finds x86 fields (1.32.0 segfaults; without /sys, 1.23.2 aborts). The chroot gets
+#     /sys and a small fake arm64 /proc/cpuinfo bind-mounted over the real one.
 #  2. qemu's default emulated CPU ("max") is ~20x slower here than QEMU_CPU=neoverse-n1.
 # The apt mirror comes from this machine's apt configuration; pip in the chroot uses PyPI's default
 # index with this machine's CA bundle (the host pip config may point at local x86-only wheels).
