@@ -97,10 +97,11 @@ def linear_estimate(y, scale, var, mean: np.ndarray, pixel_var: np.ndarray) -> n
 
 def auc(pos: np.ndarray, neg: np.ndarray) -> float:
     """P(score of a positive > score of a negative), ties counted half (Mann–Whitney)."""
-    from scipy.stats import rankdata
-
-    s = np.concatenate([pos, neg])
-    r = rankdata(s)
+    s = np.concatenate([np.asarray(pos, np.float64), np.asarray(neg, np.float64)])
+    order = np.argsort(s, kind="mergesort")
+    _, inv, counts = np.unique(s[order], return_inverse=True, return_counts=True)
+    r = np.empty(len(s))
+    r[order] = (np.cumsum(counts) - (counts - 1) / 2.0)[inv]  # average 1-based ranks of ties
     n1, n0 = len(pos), len(neg)
     return float((r[:n1].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
 

@@ -9,11 +9,10 @@ import math
 import numpy as np
 import pytest
 import torch
-from scipy.stats import norm
 
 from collafuse.cli import main
 from collafuse.errors import ConfigError
-from collafuse.privacy import (Target, bayes_leakage, effective_alpha_bar, kmeans, link_attack, linear_estimate,
+from collafuse.privacy import (Target, auc, bayes_leakage, effective_alpha_bar, kmeans, link_attack, linear_estimate,
                                log_posterior, planned_counts, posterior_attack, recommend, verdict)
 
 
@@ -38,17 +37,27 @@ def test_log_posterior_is_the_normalised_gaussian_likelihood():
     assert np.allclose(att.mean, np.exp(lp) @ X) and np.array_equal(att.argmax, lp.argmax(1))
 
 
+def _phi(x: float) -> float:
+    return 0.5 * (1.0 + math.erf(x / math.sqrt(2.0)))
+
+
+def test_auc_counts_ties_half():
+    assert auc(np.array([3.0, 4.0]), np.array([1.0, 2.0])) == 1.0
+    assert auc(np.array([1.0]), np.array([1.0])) == 0.5
+    assert auc(np.array([2.0, 0.0]), np.array([1.0, 1.0])) == 0.5
+
+
 def test_reidentification_of_two_candidates_matches_the_closed_form():
     """Candidates ±m in one pixel: the Bayes attack picks the right one with probability Φ(√ᾱ·m/√(1-ᾱ))."""
     m, ab = 0.5, 0.2
     X = np.array([[[[m]]], [[[-m]]]])
     r = bayes_leakage(X, X, ab, 1, draws=4000, seed=0)
-    exact = norm.cdf(math.sqrt(ab) * m / math.sqrt(1 - ab))
+    exact = _phi(math.sqrt(ab) * m / math.sqrt(1 - ab))
     assert r["reid"] == pytest.approx(exact, abs=0.02) and r["chance"] == 0.5
     # n linked copies act like one disclosure at ᾱ_eff
     r16 = bayes_leakage(X, X, ab, 16, draws=4000, seed=1)
     ab16 = effective_alpha_bar(ab, 16)
-    assert r16["reid"] == pytest.approx(norm.cdf(math.sqrt(ab16) * m / math.sqrt(1 - ab16)), abs=0.02)
+    assert r16["reid"] == pytest.approx(_phi(math.sqrt(ab16) * m / math.sqrt(1 - ab16)), abs=0.02)
     assert r16["reid"] > r["reid"] + 0.2
 
 
