@@ -602,6 +602,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.plot_only and os.path.exists(cost_path):
         with open(cost_path, encoding="utf-8") as f:
             cost = json.load(f)
+        if "counted_by_size" not in cost:  # counting needs no training: add it to an older run's costs
+            cost["counted_by_size"] = counted_costs(args)
+            atomic_write_json(cost_path, cost)
     else:
         cost = costs(args)
         cost["counted_by_size"] = counted_costs(args)
