@@ -25,6 +25,12 @@ def parts():
     return partition(load_dataset("digits", 16), DataConfig("digits", 16, 3, "dirichlet:0.5", 0.2, 0))
 
 
+@pytest.fixture(scope="module")
+def base(parts):
+    """FedAvg with the default test settings (4 steps, R = 2), trained once for several tests."""
+    return train_fedavg(parts, MCFG, SCHED, config=_cfg())
+
+
 def _cfg(**kw) -> FedAvgConfig:
     base = dict(steps=4, local_steps=2, batch_size=4, lr=2e-3, ema_decay=0.9, seed=0)
     base.update(kw)
@@ -125,13 +131,13 @@ def test_one_client_fedavg_is_local_training(tmp_path, local_steps):
         assert _same(res.models[0], local_ema)
 
 
-def test_fedprox_mu_zero_is_fedavg_and_mu_pulls_clients_together(parts):
-    plain = train_fedavg(parts, MCFG, SCHED, config=_cfg(steps=6, local_steps=3))
-    prox0 = train_fedavg(parts, MCFG, SCHED, config=_cfg(steps=6, local_steps=3), mu=0.0)
-    assert _same(plain.global_raw, prox0.global_raw) and _same(plain.models[0], prox0.models[0])
-    strong = train_fedavg(parts, MCFG, SCHED, config=_cfg(steps=6, local_steps=3, mu=1e3))
+def test_fedprox_mu_zero_is_fedavg_and_mu_pulls_clients_together(parts, base):
+    prox0 = train_fedavg(parts, MCFG, SCHED, config=_cfg(), mu=0.0)
+    assert _same(base.global_raw, prox0.global_raw) and _same(base.models[0], prox0.models[0])
+    strong = train_fedavg(parts, MCFG, SCHED, config=_cfg(steps=3, local_steps=3, mu=1e3))
+    plain = train_fedavg(parts, MCFG, SCHED, config=_cfg(steps=3, local_steps=3))
     assert not _same(strong.global_raw, plain.global_raw)
-    # round 2 starts from different globals; the drift of the first round is comparable
+    # one round of 3 local steps from the same global model: the proximal term holds the clients together
     assert strong.history[0]["drift"] < 0.5 * plain.history[0]["drift"]
 
 
@@ -155,8 +161,8 @@ def test_proximal_gradient_is_the_gradient_of_the_proximal_term():
 # ------------------------------------------------------------------------------ determinism, cost, input
 
 
-def test_deterministic_given_the_seed(parts):
-    a = train_fedavg(parts, MCFG, SCHED, config=_cfg())
+def test_deterministic_given_the_seed(parts, base):
+    a = base
     b = train_fedavg(parts, MCFG, SCHED, config=_cfg())
     c = train_fedavg(parts, MCFG, SCHED, config=_cfg(), seed=1)
     assert _same(a.models[1], b.models[1]) and _same(a.global_raw, b.global_raw)
