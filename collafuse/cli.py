@@ -111,12 +111,25 @@ def run_config_from(args: argparse.Namespace) -> RunConfig:
 
 @command("collafuse train")
 def cmd_train(args: argparse.Namespace) -> int:
+    from .privacy import check_disclosure
     from .train import train
 
+    if args.resume:
+        from .checkpoint import read_config
+
+        cfg = read_config(args.out)  # the run's own cuts and schedule; --steps may extend it
+        steps = args.steps if args.steps is not None else cfg.train.steps
+    else:
+        cfg = run_config_from(args)
+        steps = cfg.train.steps
+    check_disclosure("collafuse train", cfg.cut_ratios, report_path=args.privacy_report,
+                     accept=args.accept_disclosure, data=cfg.data.source, timesteps=cfg.schedule.num_train_timesteps,
+                     beta_schedule=cfg.schedule.beta_schedule, steps=steps, batch_size=cfg.train.batch_size,
+                     disclose=cfg.disclose)
     if args.resume:  # --steps not given: the run's own target
         res = train(None, args.out, resume=True, steps=args.steps)
     else:
-        res = train(run_config_from(args), args.out)
+        res = train(cfg, args.out)
     print(f"trained to step {res.step} in {res.wall_s:.1f} s ({res.steps_per_s:.2f} steps/s); run: {res.run_dir}")
     return 0
 
@@ -219,6 +232,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 @command("collafuse client-train")
 def cmd_client_train(args: argparse.Namespace) -> int:
     from .client_train import ClientTrainConfig, ClientTrainer
+    from .privacy import check_disclosure
 
     token = args.token or os.environ.get("COLLAFUSE_TOKEN", "")
     cc = ClientTrainConfig(
@@ -232,8 +246,19 @@ def cmd_client_train(args: argparse.Namespace) -> int:
         upload_every=args.upload_every, upload_batch=args.upload_batch,
         retry_for_s=args.retry_for, ca_file=args.ca_file, disclose=args.disclose,
     )
-    tr = ClientTrainer(cc)
+    tr = ClientTrainer(cc)  # asks the server for this token's cut (GET /v1/info); nothing is sent yet
     try:
+        you = tr.info["you"]
+        if tr.k < tr.schedule.T:  # c = 1 uploads nothing
+            floor = you.get("min_handoff_level")
+            if floor is not None and tr.level < int(floor):
+                raise ConfigError(f"the server refuses this token's uploads below handoff level {floor} and its cut "
+                                  f"{float(you['cut_ratio']):g} hands off at level {tr.level}; ask the operator "
+                                  "for a larger cut ratio")
+        check_disclosure("collafuse client-train", [float(you["cut_ratio"])], report_path=args.privacy_report,
+                         accept=args.accept_disclosure, data=args.data, timesteps=tr.schedule.T,
+                         beta_schedule=tr.schedule.beta_schedule,
+                         steps=args.steps // args.upload_every, batch_size=args.upload_batch, disclose=args.disclose)
         res = tr.run(progress=True)
     finally:
         tr.close()
@@ -245,6 +270,8 @@ def cmd_client_train(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .privacy import add_guard_args  # --privacy-report/--accept-disclosure of train and client-train
+
     p = argparse.ArgumentParser(prog=PROG, description="Collaborative diffusion by split learning (CollaFuse).",
                                 epilog="exit codes: 0 ok, 1 an operation failed, 2 bad input, 130 interrupted")
     sub = p.add_subparsers(dest="command", required=True)
@@ -253,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="run directory")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     add_run_args(t)
+    add_guard_args(t)
     t.set_defaults(func=cmd_train)
 
     i = sub.add_parser("init", help="start a run for networked training: config + untrained weights, no data needed")
@@ -312,6 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     ct.add_argument("--disclose", default="fresh", choices=("fresh", "once"),
                     help="fresh: a new noise draw per upload (default); once: one keyed x_h per image, reused "
                          "every upload (the key stays in --out)")
+    add_guard_args(ct)
     ct.set_defaults(func=cmd_client_train)
 
     from .metrics.cli import add_evaluate_parser

@@ -447,6 +447,120 @@ def verdict(report: dict, cut_ratio: float, planned: bool = True) -> tuple[bool,
                 f"{'meets the target' if ok else 'UNSAFE'}")
 
 
+# ------------------------------------------------------------------------------ guard rails (train, client-train)
+
+
+def load_report(path: str) -> dict:
+    """The report ``collafuse privacy`` wrote: ``privacy.json`` or the folder holding it
+    (ConfigError, one line, when it is missing or not such a report)."""
+    import json
+
+    p = os.path.join(path, "privacy.json") if os.path.isdir(path) else path
+    try:
+        with open(p, encoding="utf-8") as f:
+            doc = json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"--privacy-report {path!r}: no such file; write one with `collafuse privacy --out DIR` "
+                          "and pass DIR/privacy.json") from None
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--privacy-report {path!r} is not a readable privacy.json ({type(e).__name__}); "
+                          "write it again with `collafuse privacy`") from None
+    try:
+        rows = doc["rows"]
+        if not rows or not isinstance(doc["target"]["max_psnr"], (int, float)):
+            raise ValueError
+        for r in rows:
+            float(r["cut_ratio"]), r["run"]["reid"], r["single"]["reid"]
+        int(doc["schedule"]["num_train_timesteps"]), doc["planned_run"]["steps"]
+    except (KeyError, TypeError, ValueError, IndexError):
+        raise ConfigError(f"--privacy-report {path!r} is not a report of `collafuse privacy` (no rows/target/"
+                          "schedule/planned_run); write it with `collafuse privacy`") from None
+    return doc
+
+
+def privacy_hint(cut_ratio: float, data: str, steps: int, batch_size: int, disclose: str) -> str:
+    """The one line train/client-train print when no report is given."""
+    return (f"privacy: no --privacy-report given, so cut {cut_ratio:g} is not checked; see what it discloses "
+            f"first with `collafuse privacy --data {data} --cut-ratios {cut_ratio:g} --steps {steps} "
+            f"--batch-size {batch_size} --disclose {disclose} --out privacy-report` (seconds to a minute, "
+            "nothing leaves the machine), then pass --privacy-report privacy-report/privacy.json")
+
+
+def guard_verdict(report: dict, cut_ratio: float, *, timesteps: int, beta_schedule: str, steps: int,
+                  batch_size: int, disclose: str) -> tuple[bool, str]:
+    """(safe, one line) for a run about to disclose at ``cut_ratio``: :func:`verdict` for the planned
+    run, and unsafe ("not covered") when the report cannot speak for this run — another noise
+    schedule (other levels), or more disclosures than the report's planned run (more steps × batch,
+    or fresh noise where the report planned ``once``)."""
+    if cut_ratio >= 1.0:
+        return True, f"privacy: cut {cut_ratio:g} runs every level on the site: nothing is disclosed"
+    sd, pr = report["schedule"], report["planned_run"]
+    def name(b) -> str:
+        return "cosine" if str(b) == "squaredcos_cap_v2" else str(b)
+
+    if int(sd["num_train_timesteps"]) != int(timesteps) or name(sd["beta_schedule"]) != name(beta_schedule):
+        return False, (f"privacy: NOT COVERED: the report was made for a {sd['num_train_timesteps']}-level "
+                       f"{sd['beta_schedule']} schedule, this run uses {timesteps}-level {beta_schedule} "
+                       f"(other handoff levels); rerun collafuse privacy with --timesteps {timesteps} "
+                       f"--beta-schedule {beta_schedule}")
+    lowest = min(float(r["cut_ratio"]) for r in report["rows"])
+    if cut_ratio < lowest - 1e-9:
+        return False, (f"privacy: NOT COVERED: the report's smallest cut is {lowest:g}, below it nothing was "
+                       f"measured; rerun collafuse privacy with --cut-ratios {cut_ratio:g}")
+    planned = int(pr["steps"]) * int(pr["batch_size"])
+    # with disclose once every image is sent at most once, however long the run
+    more = disclose == "fresh" and (steps * batch_size > planned or pr.get("disclose") == "once")
+    if more:
+        return False, (f"privacy: NOT COVERED: this run sends {steps} × {batch_size} disclosures with {disclose} "
+                       f"noise, more than the report's planned run ({pr['steps']} × {pr['batch_size']}, "
+                       f"{pr.get('disclose', 'fresh')} noise); rerun collafuse privacy with --steps {steps} "
+                       f"--batch-size {batch_size} --disclose {disclose}")
+    ok, line = verdict(report, cut_ratio, planned=True)
+    rec = report.get("recommended_cut", {}).get("planned_run")
+    tail = "" if ok else (f"; the report recommends c ≥ {rec:g}" if rec is not None
+                          else "; no cut in the report meets its target for this run (try --disclose once)")
+    return ok, f"privacy: {line}{tail}"
+
+
+def check_disclosure(prog: str, cut_ratios, *, report_path: str | None, accept: bool, data: str, timesteps: int,
+                     beta_schedule: str, steps: int, batch_size: int, disclose: str) -> bool:
+    """Print the verdict for each distinct cut a run is about to disclose at (one line each; a
+    pointer to ``collafuse privacy`` without a report) and raise ConfigError (exit 2) for a cut the
+    report marks unsafe or does not cover, unless ``accept``. True when every cut was found safe."""
+    cuts = sorted({float(c) for c in cut_ratios})
+    if report_path is None:
+        for c in cuts:
+            print(privacy_hint(c, data, steps, batch_size, disclose), flush=True)
+        return False
+    report = load_report(report_path)
+    unsafe = []
+    for c in cuts:
+        ok, line = guard_verdict(report, c, timesteps=timesteps, beta_schedule=beta_schedule, steps=steps,
+                                 batch_size=batch_size, disclose=disclose)
+        print(line, flush=True)
+        if not ok:
+            unsafe.append(c)
+    if unsafe and not accept:
+        which = ", ".join(f"{c:g}" for c in unsafe)
+        raise ConfigError(f"refusing to disclose at cut {which}: the privacy report {report_path!r} marks it unsafe "
+                          "or does not cover this run (see above); choose a larger cut ratio or "
+                          "--disclose once, rerun collafuse privacy for this run, or pass --accept-disclosure to "
+                          "send anyway")
+    if unsafe:
+        print(f"{prog}: --accept-disclosure: disclosing at cut {', '.join(f'{c:g}' for c in unsafe)} although the "
+              "report marks it unsafe", flush=True)
+    return not unsafe
+
+
+def add_guard_args(p: argparse.ArgumentParser) -> None:
+    """``--privacy-report`` and ``--accept-disclosure`` of train and client-train."""
+    p.add_argument("--privacy-report", default=None, metavar="PATH",
+                   help="privacy.json (or its folder) from collafuse privacy on this site's data: print its "
+                        "verdict for the cut and refuse a cut it marks unsafe")
+    p.add_argument("--accept-disclosure", action="store_true",
+                   help="train even at a cut the --privacy-report marks unsafe (or does not cover)")
+
+
 # ------------------------------------------------------------------------------ output
 
 

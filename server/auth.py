@@ -75,6 +75,7 @@ class Grant:
     client_levels: int  # k: the client runs k-1 … 0, the server T-1 … k
     max_n: int
     disabled: bool = False
+    min_handoff_level: int | None = None  # uploads below this level are refused (403 handoff_below_minimum)
     bucket: TokenBucket | None = field(default=None, repr=False)
     quota: DailyQuota | None = field(default=None, repr=False)
 
@@ -98,12 +99,16 @@ def make_grant(entry: TokenEntry, cfg: ServerConfig, run_cut_ratios: tuple[float
             f"token {entry.name!r}: cut_ratio {cut} gives handoff level {k - 1}, which is not one of the "
             f"run's handoff levels {[x - 1 for x in run_levels]}; the server model was trained only there"
         )
+    if entry.min_handoff_level is not None and entry.min_handoff_level > T - 1:
+        raise ServerConfigError(f"token {entry.name!r}: min_handoff_level {entry.min_handoff_level} lies beyond the "
+                                f"run's last level {T - 1}; use a level in [0, {T - 1}]")
     bucket = None
     if entry.requests_per_minute is not None:
         burst = entry.burst or max(1, math.ceil(entry.requests_per_minute / 6))
         bucket = TokenBucket(entry.requests_per_minute, burst, clock)
     quota = DailyQuota(entry.images_per_day, wall_clock) if entry.images_per_day is not None else None
-    return Grant(entry.name, entry.client, cut, k, entry.max_n or cfg.max_n, entry.disabled, bucket, quota)
+    return Grant(entry.name, entry.client, cut, k, entry.max_n or cfg.max_n, entry.disabled,
+                 entry.min_handoff_level, bucket, quota)
 
 
 class TokenStore:

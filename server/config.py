@@ -18,6 +18,8 @@ A config file (``collafuse serve --run DIR --config server.toml``)::
     images_per_day = 5000         # optional: quota per UTC day (per server process)
     cut_ratio = 0.6               # optional: must give one of the run's handoff levels;
                                   #   default the client's own cut ratio
+    min_handoff_level = 400       # optional: uploads (POST /v1/train) of x_h below this level are
+                                  #   refused with 403 handoff_below_minimum (inference is not affected)
 
 The same document as JSON: ``{"server": {…}, "tokens": [{…}, …]}``.
 ``collafuse serve --new-token K`` prints a fresh token and its entry.
@@ -65,6 +67,7 @@ class TokenEntry:
     burst: int | None = None  # bucket size; None: 10 s worth of requests (≥ 1)
     images_per_day: int | None = None  # None: unlimited
     disabled: bool = False  # a revoked token: answered with 403
+    min_handoff_level: int | None = None  # uploads of x_h below this level: 403; None: no minimum
 
     def __post_init__(self) -> None:
         where = f"token {self.name or self.client!r}: "
@@ -85,6 +88,8 @@ class TokenEntry:
                      error=ServerConfigError)
         check_int(f"{where}burst", self.burst, low=1, allow_none=True, error=ServerConfigError)
         check_int(f"{where}images_per_day", self.images_per_day, low=1, allow_none=True, error=ServerConfigError)
+        check_int(f"{where}min_handoff_level", self.min_handoff_level, low=0, allow_none=True,
+                  error=ServerConfigError)
         if not isinstance(self.disabled, bool):
             raise ServerConfigError(f"{where}disabled must be true or false, got {self.disabled!r}")
 

@@ -113,7 +113,8 @@ def openapi_document() -> dict:
                                     "description": "every client of the run: client, cut_ratio, client_levels, "
                                                    "handoff_level"},
                         "you": {"type": "object", "description": "the caller's grant: name, client, cut_ratio, "
-                                "client_levels, handoff_level, max_n"},
+                                "client_levels, handoff_level, max_n, min_handoff_level (uploads below it are "
+                                "refused; null: no minimum)"},
                         "samplers": {"type": "array", "items": {"type": "string"}},
                         "limits": {"type": "object"},
                         "serving": {"type": "object"},
@@ -169,7 +170,8 @@ def openapi_document() -> dict:
                      "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
                      "description": "unique per client; a repeated id is answered 409 and not trained twice"},
                     {"name": "X-Collafuse-Level", "in": "header", "required": True, "schema": {"type": "integer"},
-                     "description": "must equal the token's handoff level"},
+                     "description": "must equal the token's handoff level, and be at least the token's "
+                                    "min_handoff_level when one is set"},
                     {"name": "X-Collafuse-Labels", "in": "header", "required": False, "schema": {"type": "string"},
                      "description": "comma-separated class ids, one per row; exactly when labels_required"},
                 ],
@@ -181,6 +183,9 @@ def openapi_document() -> dict:
                     "400": _error("bad_batch_id, bad_level, bad_tensor (shape/dtype/NaN/Inf), bad_labels, "
                                   "labels_required, labels_not_shared"),
                     **_AUTH_ERRORS,
+                    "403": _error("forbidden (the token is disabled), wrong_level (not the token's handoff level), "
+                                  "nothing_to_disclose (c = 1), handoff_below_minimum (below the token's "
+                                  "min_handoff_level); nothing is stored"),
                     "404": _error("training_disabled: the server was started without --train"),
                     "409": _error("duplicate_batch: this batch id was already accepted"),
                     "413": _error("body larger than max_train_body_bytes, or too many rows"),

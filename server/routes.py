@@ -94,7 +94,7 @@ def info_document(s: ServerState, grant: Grant) -> dict:
         "clients": clients,
         "you": {"name": grant.name, "client": grant.client, "cut_ratio": grant.cut_ratio,
                 "client_levels": grant.client_levels, "handoff_level": grant.handoff_level,
-                "max_n": grant.max_n},
+                "max_n": grant.max_n, "min_handoff_level": grant.min_handoff_level},
         "samplers": list(SAMPLERS),
         "limits": {"max_n": grant.max_n, "max_body_bytes": s.config.max_body_bytes,
                    "max_batch_rows": s.config.max_batch_rows},

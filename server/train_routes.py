@@ -6,10 +6,11 @@ Request: body = ``.npy`` float32 ``[B, C, H, W]`` (content type ``application/x-
 headers ``Authorization: Bearer …``, ``X-Collafuse-Batch-Id`` (1-64 of ``[A-Za-z0-9_-]``, unique
 per client), ``X-Collafuse-Level`` (must equal the handoff level the token is bound to),
 ``X-Collafuse-Labels`` (comma-separated class ids, one per row, exactly when the server shares
-labels). Answers: 200 once the batch is durably queued (fsync'ed: it will be trained exactly
-once, even across restarts), 409 ``duplicate_batch`` for a batch id already accepted, 429 when the
-queue is full (retry later), 400/403/413/415 for anything malformed — none of which reach the
-trainer.
+labels). A token entry with ``min_handoff_level`` refuses x_h below that level (403
+``handoff_below_minimum``, nothing stored). Answers: 200 once the batch is durably queued
+(fsync'ed: it will be trained exactly once, even across restarts), 409 ``duplicate_batch`` for a
+batch id already accepted, 429 when the queue is full (retry later), 400/403/413/415 for anything
+malformed — none of which reach the trainer.
 """
 from __future__ import annotations
 
@@ -70,6 +71,10 @@ async def v1_train(request: web.Request) -> web.Response:
         level = int(request.headers.get(H_LEVEL, ""))
     except ValueError:
         raise ApiError(400, "bad_level", f"{H_LEVEL} must be the integer handoff level") from None
+    if grant.min_handoff_level is not None and level < grant.min_handoff_level:
+        raise ApiError(403, "handoff_below_minimum", f"this token may upload x_h only at handoff level "
+                       f"{grant.min_handoff_level} or above (min_handoff_level of its token entry); the batch is "
+                       f"at level {level}: ask the operator for a larger cut ratio; nothing was stored")
     if level != grant.handoff_level:
         raise ApiError(403, "wrong_level", f"this token is bound to handoff level {grant.handoff_level}; "
                        f"the batch says {level}")

@@ -41,7 +41,7 @@ async def test_info_describes_schedule_levels_and_grant(client, loaded_run):
     assert info["image_shape"] == [1, 16, 16] and info["num_classes"] == 10
     assert [c["handoff_level"] for c in info["clients"]] == [29, 19, 39]
     assert info["you"] == {"name": "client-1", "client": 1, "cut_ratio": 0.4, "client_levels": 20,
-                           "handoff_level": 19, "max_n": 8}
+                           "handoff_level": 19, "max_n": 8, "min_handoff_level": None}
     assert info["labels_required"] is True and info["model_version"].startswith("tiny@4:")
 
 
