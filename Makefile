@@ -15,7 +15,7 @@ $(VENV)/.installed.stamp: pyproject.toml edge_runtime/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_PIN)"
-	$(PY) -m pip install -q -e "edge_runtime[cpu,png]" -e ".[dev]" "$(TORCH_PIN)"
+	$(PY) -m pip install -q -e "edge_runtime[cpu,png,sign]" -e ".[dev]" "$(TORCH_PIN)"
 	touch $@
 
 venv: $(VENV)/.installed.stamp
@@ -32,7 +32,7 @@ test-core: venv
 test-edge-alone:
 	rm -rf $(EDGE_VENV)
 	$(PYTHON) -m venv $(EDGE_VENV)
-	$(EDGE_VENV)/bin/python -m pip install -q "./edge_runtime[cpu,png]" pytest pytest-aiohttp hypothesis
+	$(EDGE_VENV)/bin/python -m pip install -q "./edge_runtime[cpu,png,sign]" pytest pytest-aiohttp hypothesis
 	cd tests/edge && ../../$(EDGE_VENV)/bin/python -m pytest -q -p no:cacheprovider --rootdir=. -c /dev/null -o asyncio_mode=auto -o asyncio_default_fixture_loop_scope=function . || [ $$? -eq 5 ]
 
 # Dependency audit of .venv with pip-audit (PyPI's vulnerability data). Exit 1 = known
