@@ -684,8 +684,13 @@ def main(argv: list[str] | None = None) -> int:
                     "feature_net": "project classifier (FD/KD in classifier feature space)"},
            "summary": summary, "groups": groups}
     atomic_write_json(os.path.join(a.out, "study.json"), res)
+    fig_path = os.path.join(a.out, "figures.npz")
+    if figs and os.path.exists(fig_path):  # keep the sample images of regimes trained by an earlier invocation
+        with np.load(fig_path) as z:
+            figs = {**{k: z[k] for k in z.files}, **figs}
     if figs:
-        np.savez_compressed(os.path.join(a.out, "figures.npz"), **figs)
+        np.savez_compressed(fig_path[:-4] + ".tmp.npz", **figs)
+        os.replace(fig_path[:-4] + ".tmp.npz", fig_path)
     make_plots(res, plots, os.path.join(a.out, "figures.npz"))
     print(write_tables(res, os.path.join(a.out, "study_tables.md")))
     print(f"study finished in {res['meta']['wall_s']:.0f} s; plots in {plots}")
