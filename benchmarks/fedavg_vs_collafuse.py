@@ -61,7 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cut", type=float, default=0.6, help="CollaFuse cut ratio c (its best c in the study)")
     p.add_argument("--model", default="tiny", help="client model size (CollaFuse clients, local, FedAvg): " + ", ".join(SIZES))
     p.add_argument("--server-model", default="tiny", help="CollaFuse server and centralised model size")
-    p.add_argument("--fedavg-models", default="", help="extra FedAvg arms with these model sizes, e.g. 'small'")
+    p.add_argument("--fedavg-models", default="small",
+                   help="extra FedAvg arms with these larger model sizes (the cost of matching quality); '' for none")
     p.add_argument("--count-models", default="client,server",
                    help="also count (no training) FedAvg and CollaFuse client cost for these model sizes")
     p.add_argument("--sample-steps", type=int, default=50, help="DDIM calls per image (split by the cut for CollaFuse)")
@@ -79,6 +80,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.steps, args.batch_size, args.local_steps = min(args.steps, 6), 8, 2
         args.model = args.server_model = "tiny"
         args.sample_steps, args.images, args.kd_subsets, args.scarce = 10, 12, 5, 30
+        args.fedavg_models = ""
     validate(args, p)
     return args
 
