@@ -114,6 +114,7 @@ def make_plots(res: dict, out_dir: str, figures_npz: str | None = None) -> list[
                                 "mean L2 distance to the nearest training image of the client")):
         ax.set_xticks(np.arange(len(arms)) + 0.4 - width / 2, arms, rotation=45, ha="right", fontsize=8)
         ax.set_title(title, fontsize=9)
+    axes[0].set_ylim(0, max(0.05, axes[0].get_ylim()[1]))  # a share: never below 0 (all zero when nothing copies)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     path = os.path.join(out_dir, "study_memorisation.png")
