@@ -241,6 +241,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"schedule       T={desc['num_train_timesteps']} {desc['beta_schedule']}")
     print(f"cut            c={desc['cut_ratio']}: client levels {desc['handoff_level']}…0 "
           f"({desc['client_levels']} levels){'  — local, no server needed' if desc['local_only'] else ''}")
+    if bundle.sampler is not None:
+        print(f"sampler        distilled: {bundle.sampler.steps} model calls per image (its own timetable; "
+              "--sampler/--client-steps do not apply)")
     for s in desc["inputs"] + desc["outputs"]:
         print(f"  {s['name']:<13}{s['dtype']:<9}{s['shape']}")
     if desc.get("quality_gate"):
@@ -262,7 +265,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     rows = [r.to_dict() for r in bench_runtime(rt, args.batch, call_runs=args.runs,
                                                loop_runs=args.loop_runs, sampler=_sampler_config(args))]
     machine = machine_description()
-    print(f"{rt.bundle.path}: {rt.bundle.precision}, {rt.bundle.client_levels} client levels, "
+    levels = (f"a distilled student: {rt.bundle.sampler.steps} calls over {rt.bundle.client_levels} client levels"
+              if rt.bundle.sampler is not None else f"{rt.bundle.client_levels} client levels")
+    print(f"{rt.bundle.path}: {rt.bundle.precision}, {levels}, "
           f"providers {', '.join(rt.denoiser.providers)}, threads {args.threads or 'default'}")
     print(f"machine: {machine['cpu']}, {machine['cores']} cores")
     print(format_table(rows, ["what", "batch", "levels", "runs", "median_ms", "p90_ms", "per_image_ms"]))

@@ -76,6 +76,14 @@ def test_edge_cli_generates_with_the_distilled_bundle(distilled, tmp_path, capsy
     assert imgs.shape == (4, 1, 16, 16) and np.all(np.isfinite(imgs)) and np.abs(imgs).max() <= 1.0
 
 
+def test_edge_info_and_bench_say_the_bundle_is_a_distilled_student(distilled, capsys):
+    _, _, bundle = distilled
+    assert edge_main(["info", "--bundle", bundle]) == 0
+    assert "distilled: 2 model calls per image" in capsys.readouterr().out
+    assert edge_main(["bench", "--bundle", bundle, "--batch", "1", "--runs", "2", "--loop-runs", "1"]) == 0
+    assert "a distilled student: 2 calls over 30 client levels" in capsys.readouterr().out
+
+
 def test_old_bundles_read_and_edited_timetables_are_refused(distilled, tmp_path):
     _, _, bundle = distilled
     from collafuse_edge.bundle import MANIFEST_NAME
