@@ -195,13 +195,14 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from collafuse_edge.images import check_output_path, save_images
 
     from .checkpoint import load_run
-    from .generate import SampleConfig, sample_client, to_numpy
+    from .generate import SampleConfig, require_server, sample_client, to_numpy
     from .train import resolve_device
 
     sc = SampleConfig(n=args.n, sampler=args.sampler, server_steps=args.server_steps,
                       client_steps=args.client_steps, seed=args.seed)
     out = check_output_path(args.out)
     run = load_run(args.run, device=resolve_device(args.device), server_weights=args.server_checkpoint)
+    require_server(run, args.server)
     remote = remote_from(args)
     try:
         clients = run_clients(run, args.client, remote)

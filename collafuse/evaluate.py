@@ -42,7 +42,7 @@ from .checkpoint import LoadedRun, load_run
 from .cost import LATENCY_BACKENDS, ImageCost, LatencyProbe, image_cost
 from .data import ClientData, load_dataset, partition
 from .errors import ConfigError
-from .generate import SampleConfig, sample_client
+from .generate import SampleConfig, require_server, sample_client
 from .metrics import (DisclosureScores, QualityScores, ReconstructionScores, disclosure_scores, get_feature_net,
                       quality_scores, reconstruction_scores)
 from .metrics.features import FeatureExtractor, FeatureNet
@@ -317,9 +317,7 @@ def evaluate_run(run: str | LoadedRun, ec: EvalConfig = EvalConfig(), *, out_dir
 
             st = load_student(ec.student, run, device=ec.device)
             run = dataclasses.replace(run, clients=[st.model if i == st.client else m for i, m in enumerate(run.clients)])
-        if run.server is None and remote is None:
-            raise ConfigError(f"{run.run_dir!r} is a site's run: its server model lives on the server at "
-                              f"{(run.site or {}).get('server', 'the server')}; pass --server URL (and its token)")
+        require_server(run, remote)
         held = [i for i, m in enumerate(run.clients) if m is not None]
         if clients is None:  # a token is one client: with a remote server, evaluate that one
             clients = [remote.info.client] if remote is not None and run.site is None else held

@@ -45,6 +45,13 @@ def client_labels(run: LoadedRun, client: int, n: int) -> np.ndarray:
     return np.array([classes[i % len(classes)] for i in range(n)], dtype=np.int64)
 
 
+def require_server(run: LoadedRun, remote) -> None:
+    """Refuse to sample a site's run (it holds no server model) without a remote server."""
+    if run.server is None and not remote:
+        raise ConfigError(f"{run.run_dir!r} is a site's run: its server model lives on the server at "
+                          f"{(run.site or {}).get('server', 'the server')}; pass --server URL (and its token)")
+
+
 def sample_client(run: LoadedRun, client: int, sc: SampleConfig, labels: np.ndarray | None = None,
                   progress: bool = False, remote=None):
     """Split-sample ``sc.n`` images for one client: server levels, then the client's levels.
@@ -70,9 +77,7 @@ def sample_client(run: LoadedRun, client: int, sc: SampleConfig, labels: np.ndar
             remote, run.clients[client], run.schedule, k, sc.n, labels=client_labels_, server_labels=server_labels,
             sampler=sc.sampler, server_steps=sc.server_steps, client_steps=sc.client_steps, eta=sc.eta,
             seed=sc.seed, progress=progress)
-    if run.server is None:
-        raise ConfigError(f"{run.run_dir!r} is a site's run: its server model lives on the server at "
-                          f"{(run.site or {}).get('server', 'the server')}; pass --server URL (and its token)")
+    require_server(run, remote)
     dev = next(run.server.parameters()).device
     return split_sample(
         run.server, run.clients[client], run.schedule, k, sc.n,
