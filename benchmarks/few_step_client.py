@@ -108,9 +108,9 @@ class Setup:
             return run_levels(run.clients[client], run.schedule, x, client_timetable(k, None), lab, sampler="ddpm",
                               seed=seed)
         kind, n = row.split("-")
-        if kind == "ddim":
+        if kind in ("ddim", "ancestral"):  # ancestral: DDIM with eta = 1 (fresh noise every step)
             return run_levels(run.clients[client], run.schedule, x, client_timetable(k, int(n)), lab, sampler="ddim",
-                              seed=seed)
+                              eta=1.0 if kind == "ancestral" else 0.0, seed=seed)
         return student_finish(student, run.schedule, x, lab, seed=seed)
 
     def quality(self, client: int, images, seed: int) -> dict:
@@ -125,26 +125,41 @@ class Setup:
 
 
 def _distil(run_dir: str, client: int, method: str, iters: int, batch: int, seed: int, out: str, steps: int = 1,
-            teacher_steps: int = 64, start_steps: int = 8):
+            teacher_steps: int = 64, start_steps: int = 8, args=None):
     from collafuse.distill import DistillConfig, distill
 
-    dc = DistillConfig(client=client, steps=steps, method=method, teacher_steps=teacher_steps, start_steps=start_steps,
-                       iters=iters, batch_size=batch, lr=1e-4 if method == "progressive" else 5e-5,
-                       ema_decay=0.99 if method == "progressive" else 0.95, checkpoint_every=max(iters, 1), seed=seed)
+    kw = {}
+    if method == "dmd" and args is not None:
+        kw = dict(regression_weight=args.regression_weight, fake_lr=args.fake_lr, fake_updates=args.fake_updates,
+                  pairs=args.pairs)
+    lr = (args.lr if args is not None and args.lr else None) or (1e-4 if method != "consistency" else 5e-5)
+    dc = DistillConfig(client=client, steps=steps, method=method, teacher_steps=teacher_steps,
+                       start_steps=start_steps if method == "progressive" else None,
+                       iters=iters, batch_size=batch, lr=lr,
+                       ema_decay=0.95 if method == "consistency" else 0.99, checkpoint_every=max(iters, 1), seed=seed,
+                       **kw)
     t0 = time.perf_counter()
     res = distill(run_dir, dc, out, progress=False)
     return res, time.perf_counter() - t0
 
 
-def _distil_every_n(setup: "Setup", client: int, args, seed: int, out: str) -> tuple[dict, float, int]:
-    """Students N = 8, 4 and 2 each distilled straight from the teacher's ``teacher_steps``-level
-    DDIM (one stage each), and N = 1 halved from the N = 2 student (a second stage). Returns
-    ({N: student json}, wall seconds, optimisation steps)."""
+def _distil_every_n(setup: "Setup", client: int, args, seed: int, out: str,
+                    method: str | None = None) -> tuple[dict, float, int]:
+    """The students of ``args.steps`` (N). progressive: N = 8, 4 and 2 each distilled straight from
+    the teacher's ``teacher_steps``-level DDIM (one stage each), N = 1 halved from the N = 2 student
+    (a second stage); dmd: one run per N. Returns ({N: student json}, wall seconds, optimisation
+    steps)."""
     paths, wall, steps = {}, 0.0, 0
-    for n, start in ((8, 8), (4, 4), (1, 2)):
-        res, w = _distil(setup.run_dir, client, "progressive", args.iters, args.batch, seed,
-                         os.path.join(out, f"n{n}"), steps=n, teacher_steps=args.teacher_steps, start_steps=start)
-        paths.update(res.students)
+    method = method or args.method
+    if method == "dmd":
+        plan = [(n, n) for n in args.steps]
+    else:
+        plan = [(n, n) for n in (8, 4) if n in args.steps] + ([(1, 2)] if {1, 2} & set(args.steps) else [])
+    for n, start in plan:
+        res, w = _distil(setup.run_dir, client, method, args.iters, args.batch, seed,
+                         os.path.join(out, f"n{n}"), steps=n, teacher_steps=args.teacher_steps, start_steps=start,
+                         args=args)
+        paths.update({m: p for m, p in res.students.items() if m in args.steps})
         wall, steps = wall + w, steps + res.step
     return paths, wall, steps
 
@@ -181,28 +196,38 @@ def part_method(setup: Setup, args, work: str) -> dict:
     def mse(img) -> float:
         return float(((img - ref) ** 2).mean())
 
-    for method in ("progressive", "consistency"):
-        if method == "progressive":  # the product's recipe: N = 8, 4, 2 from the teacher, N = 1 halved from 2
-            paths, wall, n_steps = _distil_every_n(setup, client, args, 0, os.path.join(work, "m_progressive"))
+    for method in ("progressive", "dmd", "consistency"):
+        if method in ("progressive", "dmd"):  # progressive: N = 8, 4, 2 from the teacher, N = 1 halved from 2
+            paths, wall, n_steps = _distil_every_n(setup, client, args, 0, os.path.join(work, f"m_{method}"), method)
         else:  # one consistency model for every N, as many optimisation steps in all
             res, wall = _distil(setup.run_dir, client, method, args.iters * 4, args.batch, 0,
                                 os.path.join(work, "m_consistency"), steps=8, teacher_steps=args.teacher_steps)
             paths, n_steps = res.students, res.step
         timing[method] = {"optimisation_steps": n_steps, "wall_s": wall}
         students = {n: load_student(p, setup.run) for n, p in paths.items()}
-        for n in STEPS:
+        for n in args.steps:
             img = setup.finish(client, x, lab, f"distilled-{n}", 100, students[n])
             rows.append({"method": method, "N": n, **setup.quality(client, img, 100), "mse_to_teacher": mse(img)})
         print(f"  {method}: {n_steps} optimisation steps in {wall:.0f} s", flush=True)
-    for n in STEPS:
+    for n in args.steps:
         img = setup.finish(client, x, lab, f"ddim-{n}", 100)
         rows.append({"method": "ddim (no distillation)", "N": n, **setup.quality(client, img, 100),
                      "mse_to_teacher": mse(img)})
     print(_table(rows, ["method", "N", "fd", "kd", "mse_to_teacher"]))
     return {"client": client, "cut_ratio": setup.run.config.cut_ratios[client], "images": args.images,
-            "iters_per_stage_progressive": args.iters, "iters_consistency": args.iters * 4, "batch": args.batch,
+            "iters_per_stage_progressive": args.iters, "iters_per_n_dmd": args.iters,
+            "iters_consistency": args.iters * 4, "batch": args.batch,
             "teacher_steps": args.teacher_steps,
             "timing": timing, "rows": rows}
+
+
+def _quality_rows(args) -> list[str]:
+    """full segment, the teacher's own samplers at its ``teacher_steps`` levels (deterministic DDIM:
+    what trajectory distillation imitates; ancestral: the same levels with fresh noise), then DDIM
+    and the student at each N."""
+    m = args.teacher_steps
+    return (["full", f"ddim-{m}", f"ancestral-{m}"]
+            + [f"{kind}-{n}" for n in args.steps for kind in ("ddim", "distilled") if not (kind == "ddim" and n == m)])
 
 
 def part_quality(setup: Setup, args, work: str) -> dict:
@@ -218,8 +243,7 @@ def part_quality(setup: Setup, args, work: str) -> dict:
             students = {n: load_student(p, setup.run) for n, p in paths.items()}
             t0 = time.perf_counter()
             x, lab = setup.handoff(client, args.images, seed=seed, server_steps=args.server_steps)
-            rows = ["full"] + [f"ddim-{n}" for n in STEPS] + [f"distilled-{n}" for n in STEPS]
-            for row in rows:
+            for row in _quality_rows(args):
                 st = students[int(row.split("-")[1])] if row.startswith("distilled") else None
                 img = setup.finish(client, x, lab, row, seed, st)
                 per.append({"client": client, "cut_ratio": cfg.cut_ratios[client], "seed": seed, "row": row,
@@ -230,18 +254,22 @@ def part_quality(setup: Setup, args, work: str) -> dict:
     summary = []
     for client in args.clients:
         full_fd = [r["fd"] for r in per if r["client"] == client and r["row"] == "full"]
-        for row in ["full"] + [f"{kind}-{n}" for n in STEPS for kind in ("ddim", "distilled")]:
+        for row in _quality_rows(args):
             sel = [r for r in per if r["client"] == client and r["row"] == row]
             fd, fd_ci = _t_interval([r["fd"] for r in sel])
             kd, kd_ci = _t_interval([r["kd"] for r in sel])
             ratio = _t_interval([r["fd"] / f for r, f in zip(sel, full_fd)])
             summary.append({"c": cfg.cut_ratios[client], "row": row, "calls": setup.k(client) if row == "full"
-                            else int(row.split("-")[1]), "fd": fd, "fd_ci95": fd_ci, "kd": kd, "kd_ci95": kd_ci,
+                            else min(int(row.split("-")[1]), setup.k(client)), "fd": fd, "fd_ci95": fd_ci, "kd": kd, "kd_ci95": kd_ci,
                             "fd_vs_full": ratio[0], "fd_vs_full_ci95": ratio[1], "seeds": len(sel)})
     print(_table(summary, ["c", "row", "calls", "fd", "fd_ci95", "fd_vs_full", "kd", "kd_ci95"]))
     return {"clients": args.clients, "seeds": args.seeds, "images": args.images, "iters_per_stage": args.iters,
             "batch": args.batch, "teacher_steps": args.teacher_steps, "server_steps": args.server_steps,
-            "students": "N=8, 4, 2 one stage each from the teacher's DDIM; N=1 halved from N=2",
+            "method": args.method, "lr": args.lr,
+            "students": ("one dmd run per N" if args.method == "dmd" else
+                         "N=8, 4, 2 one stage each from the teacher's DDIM; N=1 halved from N=2"),
+            **({"regression_weight": args.regression_weight, "fake_lr": args.fake_lr,
+                "fake_updates": args.fake_updates, "pairs": args.pairs} if args.method == "dmd" else {}),
             "timing": timing, "per_seed": per,
             "summary": summary}
 
@@ -281,7 +309,7 @@ def part_cost(setup: Setup, args, work: str, students_dir: str | None) -> dict:
     sess = SessionConfig(intra_op_threads=2)
     rows, grid, timed = [], [], []
     x_h, lab = setup.handoff(client, 16, seed=0, server_steps=args.server_steps)
-    for row in ["full"] + [f"ddim-{n}" for n in STEPS] + [f"distilled-{n}" for n in STEPS]:
+    for row in ["full"] + [f"ddim-{n}" for n in args.steps] + [f"distilled-{n}" for n in args.steps]:
         kind = row.split("-")[0]
         if kind == "distilled":
             n = int(row.split("-")[1])
@@ -360,11 +388,22 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, default=150, help="optimisation steps per progressive stage")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--teacher-steps", type=int, default=32, help="DDIM levels of the teacher's sampler")
+    p.add_argument("--method", choices=("progressive", "dmd"), default="progressive",
+                   help="quality and cost: how the students are distilled")
+    p.add_argument("--steps", type=lambda s: [int(v) for v in s.split(",")], default=list(STEPS),
+                   help="student calls N to distil and score, e.g. 4 or 8,4,2,1")
+    p.add_argument("--lr", type=float, default=None, help="student learning rate (default 1e-4)")
+    p.add_argument("--regression-weight", type=float, default=0.25, help="dmd")
+    p.add_argument("--fake-lr", type=float, default=1e-4, help="dmd")
+    p.add_argument("--fake-updates", type=int, default=1, help="dmd")
+    p.add_argument("--pairs", type=int, default=1024, help="dmd")
     p.add_argument("--server-steps", type=int, default=20, help="server DDIM levels for the handoff samples")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--latency-rounds", type=int, default=40, help="cost: timed runs per row, round-robin")
     p.add_argument("--reuse-bundles", action="store_true", help="cost: keep bundles already exported in --work")
     args = p.parse_args(argv)
+    if not args.steps or any(n not in STEPS for n in args.steps):
+        p.error(f"--steps takes values among {STEPS}")
     for name in ("images", "iters", "batch", "server_steps", "threads", "teacher_steps", "latency_rounds"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be ≥ 1")

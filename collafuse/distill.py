@@ -58,7 +58,7 @@ from .checkpoint import (LoadedRun, ModelState, latest_checkpoint, load_rng, loa
 from .errors import CheckpointError, ConfigError
 from .models import build_unet, denoise
 
-DISTILL_METHODS = ("progressive", "consistency")
+DISTILL_METHODS = ("progressive", "consistency", "dmd")
 WEIGHTINGS = ("landing", "truncated-snr")
 STUDENT_STEPS = (1, 2, 4, 8)
 STUDENT_FORMAT = "collafuse-distilled-student"
@@ -88,6 +88,13 @@ class DistillConfig:
     checkpoint_every: int = 100
     seed: int = 0
     device: str = "cpu"
+    # dmd: the weight of the regression onto the teacher's DDIM outputs (keeps every mode), the
+    # online ("fake") denoiser's learning rate and updates per student step, and how many
+    # (handoff sample, teacher output) pairs the regression draws from
+    regression_weight: float = 0.25
+    fake_lr: float = 1e-4
+    fake_updates: int = 1
+    pairs: int = 1024
 
     def __post_init__(self) -> None:
         check_int("client", self.client, low=0, error=ConfigError)
@@ -96,12 +103,14 @@ class DistillConfig:
             object.__setattr__(self, "start_steps", max(self.steps, 2))
         check_choice("method", self.method, DISTILL_METHODS, error=ConfigError)
         check_choice("weighting", self.weighting, WEIGHTINGS, error=ConfigError)
-        for name in ("teacher_steps", "start_steps", "iters", "batch_size", "checkpoint_every"):
+        for name in ("teacher_steps", "start_steps", "iters", "batch_size", "checkpoint_every", "fake_updates", "pairs"):
             check_int(name, getattr(self, name), low=1, error=ConfigError)
         check_number("lr", self.lr, low=0, error=ConfigError)
         if not (0.0 <= self.ema_decay < 1.0):
             raise ConfigError(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
         check_number("grad_clip", self.grad_clip, low=0, error=ConfigError)
+        check_number("regression_weight", self.regression_weight, low=0, error=ConfigError)
+        check_number("fake_lr", self.fake_lr, low=0, error=ConfigError)
         if self.method == "progressive":
             ratio = self.start_steps / self.steps
             if self.start_steps < self.steps or ratio != int(ratio) or int(ratio) & (int(ratio) - 1):
@@ -112,7 +121,7 @@ class DistillConfig:
                 raise ConfigError(f"teacher_steps ({self.teacher_steps}) must be a multiple ≥ 2× of start_steps "
                                   f"({self.start_steps}): the teacher covers each first-stage step with whole steps")
         elif self.teacher_steps < 2:
-            raise ConfigError("consistency distillation needs teacher_steps ≥ 2")
+            raise ConfigError(f"{self.method} distillation needs teacher_steps ≥ 2")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -132,6 +141,8 @@ def stages(dc: DistillConfig, k: int) -> list[Stage]:
     """The stages of ``dc`` for a client segment of ``k`` levels (timetables capped at k levels)."""
     if dc.method == "consistency":
         return [Stage(0, min(dc.teacher_steps, k), "model")]
+    if dc.method == "dmd":  # one stage: the N-step student, the teacher's fine DDIM for the regression pairs
+        return [Stage(dc.steps, min(dc.teacher_steps, k), "model")]
     out = []
     n = dc.start_steps
     first = min(dc.teacher_steps, k) // n  # teacher DDIM steps per first-stage student step
@@ -182,6 +193,40 @@ def snr_weight(schedule: Schedule, t: torch.Tensor) -> torch.Tensor:
     """max(SNR_t, 1): the truncated-SNR weighting of the x̂0 loss."""
     ab = _ab(schedule, t)
     return torch.clamp(ab / (1 - ab), min=1.0)
+
+
+def unroll_student(model: torch.nn.Module, schedule: Schedule, x: torch.Tensor, levels: np.ndarray,
+                   labels: torch.Tensor | None) -> torch.Tensor:
+    """The student's N deterministic DDIM steps over ``levels`` (ending at clean), differentiable:
+    x_s = α_s·x̂0 + σ_s·ε̂ with x̂0 unclipped. Returns the final x̂0, unclipped — the distilled
+    sampler (:func:`collafuse.sampling.run_distilled`, the edge's ``"distilled"``) is this followed
+    by clipping the image."""
+    lv = [int(v) for v in levels] + [-1]
+    B = x.shape[0]
+    for t, s in zip(lv[:-1], lv[1:]):
+        tt = torch.full((B,), t, dtype=torch.long, device=x.device)
+        eps = denoise(model, x, tt, labels)
+        x0 = x0_from_eps(schedule, x, eps, tt)
+        if s < 0:
+            return x0
+        ab_s = float(schedule.alpha_bar(np.array([s]))[0])
+        x = math.sqrt(ab_s) * x0 + math.sqrt(1.0 - ab_s) * eps
+    return x
+
+
+def dmd_direction(teacher: torch.nn.Module, fake: torch.nn.Module, schedule: Schedule, x0: torch.Tensor,
+                  t: torch.Tensor, noise: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+    """Distribution matching (Yin et al.): the direction in which the student's images x0 should
+    *not* move. x0 is noised to level t; the teacher's x̂0 points towards the distribution its
+    denoiser learnt (its full segment's), the fake denoiser's towards the one the student makes
+    now; their difference, normalised per image by the mean |x0 − teacher x̂0|, is the gradient of
+    the KL divergence between the two at level t (up to a per-level weight)."""
+    with torch.no_grad():
+        x_t = schedule.add_noise(x0, noise, t.cpu().numpy())
+        real = x0_from_eps(schedule, x_t, denoise(teacher, x_t, t, labels), t)
+        fake_x0 = x0_from_eps(schedule, x_t, denoise(fake, x_t, t, labels), t)
+        w = (x0 - real).abs().mean(dim=(1, 2, 3), keepdim=True).clamp_min(1e-4)
+        return (fake_x0 - real) / w
 
 
 @torch.no_grad()
@@ -362,6 +407,8 @@ class Distiller:
         self.ms: ModelState | None = None
         self.stage_teacher: torch.nn.Module | None = None
         self._stage_index = -1
+        self.fake: ModelState | None = None  # dmd: the online denoiser of the student's images
+        self.pairs = None  # dmd: (handoff samples, labels, the teacher's DDIM outputs)
 
     # -- bookkeeping ------------------------------------------------------------------------
 
@@ -382,16 +429,39 @@ class Distiller:
                 "distill": {**self.dc.to_dict(), "stage_teacher": stage.teacher,
                             "stage_substeps": stage.substeps}}
 
-    def _new_state(self, init: torch.nn.Module) -> ModelState:
+    def _new_state(self, init: torch.nn.Module, name: str = "student", lr: float | None = None) -> ModelState:
         from diffusers.training_utils import EMAModel
 
         model = build_unet(self.mcfg).to(self.device)
         model.load_state_dict(init.state_dict())
         model.train()
-        opt = torch.optim.AdamW(model.parameters(), lr=self.dc.lr, weight_decay=0.0)
+        opt = torch.optim.AdamW(model.parameters(), lr=self.dc.lr if lr is None else lr, weight_decay=0.0)
         ema = EMAModel(model.parameters(), decay=self.dc.ema_decay, foreach=True)
         ema.to(self.device)
-        return ModelState("student", model, ema, opt)
+        return ModelState(name, model, ema, opt)
+
+    @torch.no_grad()
+    def _regression_pairs(self, st: Stage) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """dmd: ``pairs`` handoff samples x_{k-1} ~ q(·|x0) of the site's images and the teacher's
+        DDIM output from each (``st.substeps`` levels, the site's own sampler), drawn from a
+        generator of their own so that a resumed run rebuilds the same pairs."""
+        from .sampling import run_levels
+
+        g = torch.Generator().manual_seed(self.dc.seed + 1)
+        fine = distilled_timetable(self.k, st.substeps)
+        xs, labs, ys = [], [], []
+        chunk = 256
+        for lo in range(0, self.dc.pairs, chunk):
+            n = min(chunk, self.dc.pairs - lo)
+            idx = torch.randint(len(self.y), (n,), generator=g)
+            x0 = self.x[idx].to(self.device)
+            lab = self.y[idx].to(self.device) if self.conditional else None
+            eps = torch.randn(x0.shape, generator=g).to(self.device)
+            x_h = self.schedule.add_noise(x0, eps, np.full(n, self.k - 1))
+            ys.append(run_levels(self.teacher, self.schedule, x_h, fine, lab, sampler="ddim"))
+            xs.append(x_h)
+            labs.append(lab)
+        return torch.cat(xs), (torch.cat(labs) if self.conditional else None), torch.cat(ys)
 
     def _load_student_model(self, steps: int) -> torch.nn.Module:
         return load_student(student_paths(self.out_dir, steps)[0], self.loaded, self.device).model
@@ -403,6 +473,9 @@ class Distiller:
         teacher.requires_grad_(False)
         self.stage_teacher = teacher.eval()
         self.ms = self._new_state(self.teacher if self.dc.method == "consistency" else teacher)
+        if self.dc.method == "dmd":
+            self.fake = self._new_state(self.teacher, name="fake", lr=self.dc.fake_lr)
+            self.pairs = self._regression_pairs(st)
         self._stage_index = i
 
     def _ema_model(self) -> torch.nn.Module:
@@ -413,7 +486,8 @@ class Distiller:
     # -- persistence ------------------------------------------------------------------------
 
     def save(self) -> str:
-        return save_checkpoint(self.out_dir, self.step, [self.ms], self.gen.get_state(),
+        states = [self.ms] + ([self.fake] if self.dc.method == "dmd" else [])
+        return save_checkpoint(self.out_dir, self.step, states, self.gen.get_state(),
                                extra={"stage": self._stage_index, "config": self.dc.to_dict()})
 
     def restore(self) -> None:
@@ -427,6 +501,8 @@ class Distiller:
         self._enter_stage(i)
         if self.step % self.dc.iters or self.step == self.total_steps:  # mid-stage (or done): its student
             restore_model_state(ckpt, meta, self.ms)
+            if self.dc.method == "dmd":
+                restore_model_state(ckpt, meta, self.fake)
 
     def _write_config(self, resume: bool) -> None:
         path = os.path.join(self.out_dir, CONFIG_NAME)
@@ -488,11 +564,47 @@ class Distiller:
         pred = x0_from_eps(self.schedule, x_t, denoise(model, x_t, t, lab), t)
         return ((pred - target) ** 2).mean()
 
+    def _dmd_step(self) -> torch.Tensor:
+        """dmd: one student step (distribution matching + the regression onto the teacher's DDIM
+        outputs), then ``fake_updates`` steps of the fake denoiser on the student's images."""
+        dc, sch, k = self.dc, self.schedule, self.k
+        levels = distilled_timetable(k, dc.steps).levels
+        x0, lab = self._batch()
+        B = x0.shape[0]
+        x_h = self._noised(x0, torch.full((B,), k - 1, dtype=torch.long, device=self.device))
+        images = unroll_student(self.ms.model, sch, x_h, levels, lab)
+        lo = max(1, round(0.02 * k))  # as in the method: the lowest 2 % of levels carry no signal
+        t = torch.randint(lo, k, (B,), generator=self.gen).to(self.device) if k > lo else \
+            torch.full((B,), k - 1, dtype=torch.long, device=self.device)
+        noise = torch.randn(x0.shape, generator=self.gen).to(self.device)
+        self.fake.model.eval()
+        direction = dmd_direction(self.teacher, self.fake.model, sch, images.detach(), t, noise, lab)
+        self.fake.model.train()
+        loss = 0.5 * ((images - (images.detach() - direction)) ** 2).mean()
+        if dc.regression_weight > 0:
+            px, pl, py = self.pairs
+            j = torch.randint(len(px), (max(B // 2, 1),), generator=self.gen).to(self.device)
+            out = unroll_student(self.ms.model, sch, px[j], levels, pl[j] if pl is not None else None)
+            loss = loss + dc.regression_weight * ((out - py[j]) ** 2).mean()
+        r = sch.clip_sample_range if sch.clip_sample else None
+        fake_in = images.detach().clamp(-r, r) if r is not None else images.detach()
+        for _ in range(dc.fake_updates):
+            tf = torch.randint(k, (B,), generator=self.gen).to(self.device)
+            e = torch.randn(x0.shape, generator=self.gen).to(self.device)
+            x_t = sch.add_noise(fake_in, e, tf.cpu().numpy())
+            lf = ((denoise(self.fake.model, x_t, tf, lab) - e) ** 2).mean()
+            fo = self.fake.optimizer
+            fo.zero_grad(set_to_none=True)
+            lf.backward()
+            torch.nn.utils.clip_grad_norm_(self.fake.model.parameters(), dc.grad_clip)
+            fo.step()
+        return loss
+
     def train_step(self) -> float:
         i = self.step // self.dc.iters
         if i != self._stage_index:
             self._enter_stage(i)
-        loss = self._loss()
+        loss = self._dmd_step() if self.dc.method == "dmd" else self._loss()
         ms = self.ms
         ms.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -506,7 +618,7 @@ class Distiller:
         """Write the student(s) of the stage just completed; returns their step counts."""
         st = self.stages[self._stage_index]
         model = self._ema_model()
-        if self.dc.method == "progressive":
+        if self.dc.method in ("progressive", "dmd"):
             written = [st.student_steps]
         else:  # one consistency model serves every N up to the one asked for
             written = [n for n in STUDENT_STEPS if n <= max(self.dc.steps, 1) and n <= self.k]
@@ -569,4 +681,5 @@ def student_finish(student: Student, schedule: Schedule, handoff: torch.Tensor, 
 
 
 __all__ = ["DISTILL_METHODS", "STUDENT_STEPS", "DistillConfig", "DistillResult", "Distiller", "Stage", "Student",
-           "ddim_target_x0", "distill", "load_student", "stages", "student_finish", "student_paths", "x0_from_eps"]
+           "ddim_target_x0", "distill", "dmd_direction", "load_student", "stages", "student_finish", "student_paths",
+           "unroll_student", "x0_from_eps"]

@@ -16,7 +16,7 @@ import argparse
 from collafuse_edge.cli_contract import command, non_negative_int, positive_int
 
 STEP_CHOICES = (1, 2, 4, 8)  # mirrors collafuse.distill.STUDENT_STEPS (building the parser imports no torch)
-METHOD_CHOICES = ("progressive", "consistency")
+METHOD_CHOICES = ("progressive", "consistency", "dmd")  # mirrors collafuse.distill.DISTILL_METHODS
 
 
 def _positive_float(text: str) -> float:
@@ -26,6 +26,16 @@ def _positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}") from None
     if not (v > 0 and v < float("inf")):
         raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+    return v
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number ≥ 0, got {text!r}") from None
+    if not (v >= 0 and v < float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a number ≥ 0, got {text!r}")
     return v
 
 
@@ -52,7 +62,9 @@ def add_distill_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
     p.add_argument("--steps", required=True, type=int, choices=STEP_CHOICES, metavar="N",
                    help="model calls per image of the student: 1, 2, 4 or 8")
     p.add_argument("--method", choices=METHOD_CHOICES, default="progressive",
-                   help="progressive (default: halving stages, every stage's student kept) or consistency")
+                   help="progressive (default: halving stages, every stage's student kept), consistency, or dmd "
+                        "(distribution matching: the student learns the teacher's full-segment distribution, not "
+                        "its deterministic sampler's; needs more compute per step)")
     p.add_argument("--out", default=None, metavar="DIR", help="where students and checkpoints go "
                                                               "(default RUN/distill/client_K)")
     p.add_argument("--teacher-steps", type=positive_int, default=32, metavar="M",
@@ -64,6 +76,14 @@ def add_distill_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
     p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--lr", type=_positive_float, default=1e-4)
     p.add_argument("--ema-decay", type=_ema_decay, default=0.99)
+    p.add_argument("--regression-weight", type=_non_negative_float, default=0.25, metavar="W",
+                   help="dmd: weight of the regression onto the teacher's DDIM outputs (default 0.25)")
+    p.add_argument("--fake-lr", type=_positive_float, default=1e-4, metavar="LR",
+                   help="dmd: learning rate of the denoiser that follows the student's images (default 1e-4)")
+    p.add_argument("--fake-updates", type=positive_int, default=1, metavar="U",
+                   help="dmd: updates of that denoiser per student step (default 1)")
+    p.add_argument("--pairs", type=positive_int, default=1024,
+                   help="dmd: (handoff sample, teacher output) pairs for the regression (default 1024)")
     p.add_argument("--checkpoint-every", type=positive_int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu | cuda | auto")
@@ -81,6 +101,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
                        start_steps=args.start_steps, iters=args.iters,
                        batch_size=args.batch_size, lr=args.lr, ema_decay=args.ema_decay,
                        checkpoint_every=args.checkpoint_every, seed=args.seed,
+                       regression_weight=args.regression_weight, fake_lr=args.fake_lr,
+                       fake_updates=args.fake_updates, pairs=args.pairs,
                        device=str(resolve_device(args.device)))
     res = distill(args.run, dc, args.out, resume=args.resume, progress=True)
     print(f"distilled client {args.client} ({args.method}) to step {res.step} in {res.wall_s:.1f} s; students:")

@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from collafuse.cli import main
-from collafuse.distill import (DistillConfig, Distiller, ddim_target_x0, distill, landing_weight, load_student,
-                               stages, student_finish, student_paths)
+from collafuse.distill import (DistillConfig, Distiller, ddim_target_x0, distill, dmd_direction, landing_weight,
+                               load_student, stages, student_finish, student_paths, unroll_student)
 from collafuse.errors import ConfigError
 from collafuse.sampling import split_sample
 from collafuse.train import train
@@ -72,7 +72,8 @@ def test_stages_halve_to_n_and_reject_bad_settings():
     assert len(stages(DistillConfig(steps=4, method="consistency"), 600)) == 1
     for bad in (dict(steps=3), dict(method="x"), dict(steps=4, start_steps=12), dict(iters=0),
                 dict(teacher_steps=12, start_steps=8), dict(ema_decay=1.0), dict(lr=float("nan")),
-                dict(weighting="snr")):
+                dict(weighting="snr"), dict(method="dmd", pairs=0), dict(method="dmd", fake_lr=-1.0),
+                dict(method="dmd", teacher_steps=1)):
         with pytest.raises(ConfigError):
             DistillConfig(**bad)
 
@@ -130,6 +131,64 @@ def test_consistency_run_serves_every_n(tiny_run, tmp_path):
                   str(tmp_path / "cd"), progress=False)
     assert sorted(res.students) == [1, 2] and res.step == 3
     assert json.load(open(res.students[2]))["method"] == "consistency"
+
+
+DMD = dict(client=0, teacher_steps=8, iters=4, batch_size=8, checkpoint_every=2, pairs=12)
+
+
+def test_dmd_run_writes_the_student_and_resumes_bit_for_bit(tiny_run, tmp_path, monkeypatch):
+    dc = DistillConfig(steps=2, method="dmd", **DMD)
+    assert [(s.student_steps, s.substeps) for s in stages(dc, 30)] == [(2, 8)]
+    res = distill(tiny_run, dc, str(tmp_path / "a"), progress=False)
+    assert sorted(res.students) == [2] and res.step == 4
+    meta = json.load(open(res.students[2]))
+    assert meta["method"] == "dmd" and meta["levels"] == [29, 14]
+    ckpt = os.path.join(str(tmp_path / "a"), "checkpoints")
+    assert any(f.startswith("fake") for d in os.listdir(ckpt) for f in os.listdir(os.path.join(ckpt, d)))
+    calls = {"n": 0}
+    real = Distiller.train_step
+
+    def dying(self):
+        calls["n"] += 1
+        if calls["n"] == 4:  # after the checkpoint at step 2: the fake denoiser must come back too
+            raise KeyboardInterrupt
+        return real(self)
+
+    monkeypatch.setattr(Distiller, "train_step", dying)
+    with pytest.raises(KeyboardInterrupt):
+        distill(tiny_run, dc, str(tmp_path / "b"), progress=False)
+    monkeypatch.setattr(Distiller, "train_step", real)
+    distill(tiny_run, dc, str(tmp_path / "b"), resume=True, progress=False)
+    a, b = (load_file(student_paths(str(tmp_path / d), 2)[1]) for d in ("a", "b"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_unrolled_student_is_the_distilled_sampler_and_dmd_direction_vanishes_at_the_teacher(tiny_run):
+    from collafuse.checkpoint import load_run
+    from collafuse.sampling import run_distilled
+
+    run = load_run(tiny_run)
+    model, sch = run.clients[0], run.schedule
+    lv = distilled_timetable(30, 4)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(5, 1, 16, 16, generator=g)
+    lab = torch.tensor([0, 1, 2, 3, 4])
+    r = sch.clip_sample_range
+    with torch.no_grad():
+        mine = unroll_student(model, sch, x, lv.levels, lab).clamp(-r, r)
+    assert torch.allclose(mine, run_distilled(model, sch, x, lv, lab), atol=1e-5)
+    # the gradient flows through every step
+    p = next(model.parameters())
+    p.requires_grad_(True)
+    unroll_student(model, sch, x, lv.levels, lab).sum().backward()
+    assert p.grad is not None and p.grad.abs().sum() > 0
+    # a fake denoiser equal to the teacher sees no difference between the distributions
+    x0 = torch.rand(5, 1, 16, 16, generator=g) * 2 - 1
+    t = torch.tensor([1, 5, 10, 20, 29])
+    noise = torch.randn(x0.shape, generator=g)
+    assert dmd_direction(model, model, sch, x0, t, noise, lab).abs().max() == 0
+    other = run.clients[1]
+    assert dmd_direction(model, other, sch, x0, t, noise, lab).abs().max() > 0
 
 
 def test_student_runs_its_own_timetable_in_split_sampling(tiny_run, tmp_path):
@@ -204,3 +263,17 @@ def test_evaluate_scores_a_student_with_its_own_calls(tiny_run, tmp_path, capsys
     assert costs[0]["client_calls"] == 2  # the student's two calls, not the sampler's thinned timetable
     assert costs[1]["client_calls"] > 2
     assert rep["config"]["student"] == res.students[2]
+
+
+def test_cli_distils_with_dmd_and_validates_its_flags(tiny_run, tmp_path, capsys):
+    out = str(tmp_path / "cli_dmd")
+    rc = main(["distill", "--run", tiny_run, "--client", "0", "--steps", "2", "--method", "dmd", "--teacher-steps",
+               "8", "--iters", "2", "--batch-size", "4", "--pairs", "8", "--regression-weight", "0", "--out", out])
+    assert rc == 0 and os.path.isfile(os.path.join(out, "student_n2.json"))
+    assert json.load(open(os.path.join(out, "student_n2.json")))["distill"]["regression_weight"] == 0
+    capsys.readouterr()
+    for flag, value in (("--regression-weight", "-1"), ("--fake-lr", "0"), ("--pairs", "0")):
+        with pytest.raises(SystemExit) as e:
+            main(["distill", "--run", tiny_run, "--client", "0", "--steps", "2", "--method", "dmd", flag, value])
+        assert e.value.code == 2
+        assert flag in capsys.readouterr().err
