@@ -1,12 +1,15 @@
 """A few-step client, measured: distilled students against the teacher's full segment and DDIM
 with the same number of client calls (docs/results.md, "A few-step client").
 
-Three parts, each printing a table and writing JSON (``--part all`` runs them in order):
+Four parts, each printing a table and writing JSON (``--part all`` runs them in order):
 
-* ``method`` — progressive vs consistency distillation on one client (same number of optimisation
-  steps, same data, same teacher), FD/KD at N = 1, 2, 4, 8: which method the product uses.
-* ``quality`` — per cut ratio (one client each) and per seed: distil (progressive chain 8 → 1,
-  seeded), then FD/KD in classifier feature space against the client's held-out images for the
+* ``samplers`` — no distillation: the teacher's deterministic DDIM and ancestral DDIM at 4 … 128
+  levels against its full segment, and the floor (real images against held-out ones): what a
+  student that imitates one of these samplers can reach at best.
+* ``method`` — progressive vs distribution matching (dmd) vs consistency distillation on one
+  client (same number of optimisation steps, same data, same teacher), FD/KD at N = 1, 2, 4, 8: which method the product uses.
+* ``quality`` — per cut ratio (one client each) and per seed: distil (``--method``, seeded), then
+  FD/KD in classifier feature space against the client's held-out images for the
   teacher's full segment (DDPM, every level), DDIM with N client calls and the distilled N-step
   student, N = 1, 2, 4, 8. The server's levels are the same for every row of a seed (the handoff
   samples are computed once), so rows differ only in the client's part. Mean and 95 % t-interval
@@ -132,7 +135,7 @@ def _distil(run_dir: str, client: int, method: str, iters: int, batch: int, seed
     if method == "dmd" and args is not None:
         kw = dict(regression_weight=args.regression_weight, fake_lr=args.fake_lr, fake_updates=args.fake_updates,
                   pairs=args.pairs)
-    lr = (args.lr if args is not None and args.lr else None) or (1e-4 if method != "consistency" else 5e-5)
+    lr = args.lr if args is not None and args.lr else (5e-5 if method == "consistency" else None)  # None: the default
     dc = DistillConfig(client=client, steps=steps, method=method, teacher_steps=teacher_steps,
                        start_steps=start_steps if method == "progressive" else None,
                        iters=iters, batch_size=batch, lr=lr,
@@ -219,6 +222,32 @@ def part_method(setup: Setup, args, work: str) -> dict:
             "iters_consistency": args.iters * 4, "batch": args.batch,
             "teacher_steps": args.teacher_steps,
             "timing": timing, "rows": rows}
+
+
+def part_samplers(setup: Setup, args, work: str) -> dict:
+    """The teacher's own samplers against its full segment, no distillation: deterministic DDIM
+    (what trajectory distillation imitates) and ancestral DDIM (fresh noise every step) at
+    M = 4 … 128 levels, on the same handoff samples, and the floor: real training images of the
+    client against its held-out images. Tells what a student that imitates a sampler can reach."""
+    client, seed = args.method_client, args.seeds[0]
+    x, lab = setup.handoff(client, args.images, seed=seed, server_steps=args.server_steps)
+    truth = setup.truths[client]
+    rng = np.random.default_rng(seed)
+    import torch
+
+    sel = rng.choice(len(truth.train_images), size=min(args.images, len(truth.train_images)), replace=False)
+    rows = [{"row": "real training images (floor)", "calls": 0,
+             **setup.quality(client, torch.from_numpy(truth.train_images[sel]), seed)}]
+    for row in ["full"] + [f"{kind}-{m}" for kind in ("ddim", "ancestral") for m in (4, 8, 16, 32, 64, 128)]:
+        if row != "full" and int(row.split("-")[1]) > setup.k(client):
+            continue
+        t0 = time.perf_counter()
+        img = setup.finish(client, x, lab, row, seed)
+        rows.append({"row": row, "calls": setup.k(client) if row == "full" else int(row.split("-")[1]),
+                     **setup.quality(client, img, seed), "wall_s": time.perf_counter() - t0})
+    print(_table(rows, ["row", "calls", "fd", "kd"]))
+    return {"client": client, "cut_ratio": setup.run.config.cut_ratios[client], "seed": seed, "images": args.images,
+            "server_steps": args.server_steps, "rows": rows}
 
 
 def _quality_rows(args) -> list[str]:
@@ -375,7 +404,7 @@ def write_grid(grid: np.ndarray, rows: list[str], path: str) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--run", required=True)
-    p.add_argument("--part", choices=("method", "quality", "cost", "all"), default="all")
+    p.add_argument("--part", choices=("samplers", "method", "quality", "cost", "all"), default="all")
     p.add_argument("--out", default="docs/data", help="folder for few_step_client_<part>.json")
     p.add_argument("--img", default="docs/img", help="folder for the sample grid")
     p.add_argument("--work", default=None, help="scratch folder (students, bundles); default a temp dir")
@@ -388,14 +417,14 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, default=150, help="optimisation steps per progressive stage")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--teacher-steps", type=int, default=32, help="DDIM levels of the teacher's sampler")
-    p.add_argument("--method", choices=("progressive", "dmd"), default="progressive",
+    p.add_argument("--method", choices=("progressive", "dmd"), default="dmd",
                    help="quality and cost: how the students are distilled")
     p.add_argument("--steps", type=lambda s: [int(v) for v in s.split(",")], default=list(STEPS),
                    help="student calls N to distil and score, e.g. 4 or 8,4,2,1")
-    p.add_argument("--lr", type=float, default=None, help="student learning rate (default 1e-4)")
+    p.add_argument("--lr", type=float, default=None, help="student learning rate (default: the method's)")
     p.add_argument("--regression-weight", type=float, default=0.25, help="dmd")
     p.add_argument("--fake-lr", type=float, default=1e-4, help="dmd")
-    p.add_argument("--fake-updates", type=int, default=1, help="dmd")
+    p.add_argument("--fake-updates", type=int, default=2, help="dmd")
     p.add_argument("--pairs", type=int, default=1024, help="dmd")
     p.add_argument("--server-steps", type=int, default=20, help="server DDIM levels for the handoff samples")
     p.add_argument("--threads", type=int, default=2)
@@ -413,11 +442,13 @@ def main(argv=None) -> int:
     work = args.work or tempfile.mkdtemp(prefix="few_step_")
     os.makedirs(work, exist_ok=True)
     setup = Setup(args.run, args.threads)
-    parts = ("method", "quality", "cost") if args.part == "all" else (args.part,)
+    parts = ("samplers", "method", "quality", "cost") if args.part == "all" else (args.part,)
     for part in parts:
         t0 = time.perf_counter()
         print(f"== {part}", flush=True)
-        if part == "method":
+        if part == "samplers":
+            res = part_samplers(setup, args, work)
+        elif part == "method":
             res = part_method(setup, args, work)
         elif part == "quality":
             res = part_quality(setup, args, work)

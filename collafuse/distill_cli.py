@@ -61,10 +61,10 @@ def add_distill_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
     p.add_argument("--client", required=True, type=non_negative_int, metavar="K", help="client index (0-based)")
     p.add_argument("--steps", required=True, type=int, choices=STEP_CHOICES, metavar="N",
                    help="model calls per image of the student: 1, 2, 4 or 8")
-    p.add_argument("--method", choices=METHOD_CHOICES, default="progressive",
-                   help="progressive (default: halving stages, every stage's student kept), consistency, or dmd "
-                        "(distribution matching: the student learns the teacher's full-segment distribution, not "
-                        "its deterministic sampler's; needs more compute per step)")
+    p.add_argument("--method", choices=METHOD_CHOICES, default="dmd",
+                   help="dmd (default; distribution matching: the student learns the distribution of the teacher's "
+                        "full stochastic segment), progressive (imitates the teacher's deterministic DDIM; halving "
+                        "stages, every stage's student kept) or consistency")
     p.add_argument("--out", default=None, metavar="DIR", help="where students and checkpoints go "
                                                               "(default RUN/distill/client_K)")
     p.add_argument("--teacher-steps", type=positive_int, default=32, metavar="M",
@@ -74,14 +74,15 @@ def add_distill_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
                         "halves them (default N, and 2 for N = 1)")
     p.add_argument("--iters", type=positive_int, default=300, help="optimisation steps per stage (default 300)")
     p.add_argument("--batch-size", type=positive_int, default=64)
-    p.add_argument("--lr", type=_positive_float, default=1e-4)
+    p.add_argument("--lr", type=_positive_float, default=None,
+                   help="the student's learning rate (default 2e-5 for dmd, 1e-4 otherwise)")
     p.add_argument("--ema-decay", type=_ema_decay, default=0.99)
     p.add_argument("--regression-weight", type=_non_negative_float, default=0.25, metavar="W",
                    help="dmd: weight of the regression onto the teacher's DDIM outputs (default 0.25)")
     p.add_argument("--fake-lr", type=_positive_float, default=1e-4, metavar="LR",
                    help="dmd: learning rate of the denoiser that follows the student's images (default 1e-4)")
-    p.add_argument("--fake-updates", type=positive_int, default=1, metavar="U",
-                   help="dmd: updates of that denoiser per student step (default 1)")
+    p.add_argument("--fake-updates", type=positive_int, default=2, metavar="U",
+                   help="dmd: updates of that denoiser per student step (default 2)")
     p.add_argument("--pairs", type=positive_int, default=1024,
                    help="dmd: (handoff sample, teacher output) pairs for the regression (default 1024)")
     p.add_argument("--checkpoint-every", type=positive_int, default=100)

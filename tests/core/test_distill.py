@@ -19,7 +19,7 @@ from collafuse_edge.errors import ScheduleError
 from collafuse_edge.schedule import Schedule, ddim_step, distilled_timetable
 from tiny_runs import tiny_run_config
 
-TINY = dict(client=0, teacher_steps=8, start_steps=2, iters=3, batch_size=8, checkpoint_every=2)
+TINY = dict(client=0, method="progressive", teacher_steps=8, start_steps=2, iters=3, batch_size=8, checkpoint_every=2)
 
 
 @pytest.fixture(scope="module")
@@ -63,15 +63,20 @@ def test_ddim_target_lands_exactly_where_the_teacher_landed():
 
 
 def test_stages_halve_to_n_and_reject_bad_settings():
-    assert [(s.student_steps, s.substeps) for s in stages(DistillConfig(steps=1, start_steps=8, teacher_steps=64),
-                                                          600)] == [(8, 8), (4, 2), (2, 2), (1, 2)]
-    assert [s.teacher for s in stages(DistillConfig(steps=4, start_steps=8), 600)] == ["model", "student_n8"]
-    # the default: one stage straight from the teacher, and N = 1 halved from N = 2
-    assert [(s.student_steps, s.substeps) for s in stages(DistillConfig(steps=4), 600)] == [(4, 8)]
-    assert [(s.student_steps, s.substeps) for s in stages(DistillConfig(steps=1), 600)] == [(2, 16), (1, 2)]
+    pd = dict(method="progressive")
+    assert [(s.student_steps, s.substeps) for s in stages(DistillConfig(steps=1, start_steps=8, teacher_steps=64,
+                                                                        **pd), 600)] == [(8, 8), (4, 2), (2, 2), (1, 2)]
+    assert [s.teacher for s in stages(DistillConfig(steps=4, start_steps=8, **pd), 600)] == ["model", "student_n8"]
+    # progressive by default: one stage straight from the teacher, and N = 1 halved from N = 2
+    assert [(s.student_steps, s.substeps) for s in stages(DistillConfig(steps=4, **pd), 600)] == [(4, 8)]
+    assert [(s.student_steps, s.substeps) for s in stages(DistillConfig(steps=1, **pd), 600)] == [(2, 16), (1, 2)]
+    # the product's default is distribution matching, one stage per N, at its own learning rate
+    d = DistillConfig(steps=1)
+    assert d.method == "dmd" and d.lr == 2e-5 and [(s.student_steps, s.substeps) for s in stages(d, 600)] == [(1, 32)]
+    assert DistillConfig(steps=1, **pd).lr == 1e-4 and DistillConfig(steps=1, lr=3e-4).lr == 3e-4
     assert len(stages(DistillConfig(steps=4, method="consistency"), 600)) == 1
-    for bad in (dict(steps=3), dict(method="x"), dict(steps=4, start_steps=12), dict(iters=0),
-                dict(teacher_steps=12, start_steps=8), dict(ema_decay=1.0), dict(lr=float("nan")),
+    for bad in (dict(steps=3), dict(method="x"), dict(steps=4, start_steps=12, **pd), dict(iters=0),
+                dict(teacher_steps=12, start_steps=8, **pd), dict(ema_decay=1.0), dict(lr=float("nan")),
                 dict(weighting="snr"), dict(method="dmd", pairs=0), dict(method="dmd", fake_lr=-1.0),
                 dict(method="dmd", teacher_steps=1)):
         with pytest.raises(ConfigError):
@@ -127,7 +132,7 @@ def test_resume_continues_bit_for_bit(tiny_run, tmp_path, monkeypatch):
 
 
 def test_consistency_run_serves_every_n(tiny_run, tmp_path):
-    res = distill(tiny_run, DistillConfig(steps=2, method="consistency", **{**TINY, "start_steps": 2}),
+    res = distill(tiny_run, DistillConfig(steps=2, **{**TINY, "method": "consistency", "start_steps": 2}),
                   str(tmp_path / "cd"), progress=False)
     assert sorted(res.students) == [1, 2] and res.step == 3
     assert json.load(open(res.students[2]))["method"] == "consistency"
@@ -232,14 +237,15 @@ def test_load_student_refuses_a_tampered_or_foreign_student(tiny_run, tmp_path):
 
 def test_cli_distils_and_validates(tiny_run, tmp_path, capsys):
     out = str(tmp_path / "cli")
-    rc = main(["distill", "--run", tiny_run, "--client", "1", "--steps", "2", "--teacher-steps", "8",
-               "--start-steps", "4", "--iters", "2", "--batch-size", "4", "--out", out])
+    rc = main(["distill", "--run", tiny_run, "--client", "1", "--steps", "2", "--method", "progressive",
+               "--teacher-steps", "8", "--start-steps", "4", "--iters", "2", "--batch-size", "4", "--out", out])
     assert rc == 0
     text = capsys.readouterr().out
     assert "N=2" in text and "N=4" in text and os.path.isfile(os.path.join(out, "student_n2.json"))
     assert main(["distill", "--run", tiny_run, "--client", "7", "--steps", "2"]) == 2
     assert "holds no client model 7" in capsys.readouterr().err
-    assert main(["distill", "--run", tiny_run, "--client", "0", "--steps", "2", "--start-steps", "3"]) == 2
+    assert main(["distill", "--run", tiny_run, "--client", "0", "--steps", "2", "--method", "progressive",
+                 "--start-steps", "3"]) == 2
     with pytest.raises(SystemExit) as e:
         main(["distill", "--run", tiny_run, "--client", "0", "--steps", "3"])
     assert e.value.code == 2

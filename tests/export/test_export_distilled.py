@@ -25,11 +25,11 @@ from tiny_runs import tiny_run_config
 
 @pytest.fixture(scope="module")
 def distilled(tmp_path_factory):
-    """A tiny run, a 2-step student of client 0 and its bundle (through the CLI)."""
+    """A tiny run, a 2-step student of client 0 (the default method) and its bundle (through the CLI)."""
     root = tmp_path_factory.mktemp("distilled")
     run = str(root / "run")
     train(tiny_run_config(steps=2), run)
-    res = distill(run, DistillConfig(client=0, steps=2, teacher_steps=8, start_steps=4, iters=2, batch_size=4,
+    res = distill(run, DistillConfig(client=0, steps=2, teacher_steps=8, iters=2, batch_size=4, pairs=8,
                                      checkpoint_every=2), str(root / "students"), progress=False)
     bundle = str(root / "bundle")
     assert main(["export", "--run", run, "--client", "0", "--student", res.students[2], "--out", bundle,
@@ -43,7 +43,7 @@ def test_manifest_records_the_distilled_sampler(distilled):
     m = b.manifest
     assert m["format_version"] == FORMAT_VERSION == 2
     assert m["sampler"]["kind"] == "distilled" and m["sampler"]["steps"] == 2
-    assert m["sampler"]["levels"] == [29, 14] and m["sampler"]["method"] == "progressive"
+    assert m["sampler"]["levels"] == [29, 14] and m["sampler"]["method"] == "dmd"
     assert b.distilled and b.sampler == SamplerConfig("distilled", 2)
     # whatever the caller asks for, the student runs its own timetable
     assert b.sampler_for(SamplerConfig("ddim", 20)) == SamplerConfig("distilled", 2)
