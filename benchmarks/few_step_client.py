@@ -19,6 +19,8 @@ Four parts, each printing a table and writing JSON (``--part all`` runs them in 
   image at B = 1 and 16 (exported bundles on onnxruntime's CPU provider, 2 threads, the whole
   client loop of ``collafuse-edge``), bytes on the wire per image; and a sample grid per row
   (docs/img/few_step_grid.png).
+* ``grid`` (not in ``all``) — the sample grid alone, for the students in ``--students``, from the
+  torch samplers: full segment, DDIM-N and the student per N of ``--steps``.
 
     python benchmarks/few_step_client.py --run RUN --part all --out docs/data
 
@@ -250,6 +252,29 @@ def part_samplers(setup: Setup, args, work: str) -> dict:
             "server_steps": args.server_steps, "rows": rows}
 
 
+def part_grid(setup: Setup, args, work: str) -> dict:
+    """A sample grid (docs/img/few_step_grid.png) of 16 images per row — full segment, DDIM-N and
+    the student of ``--students`` at each N of ``--steps`` — from the same handoff samples."""
+    import glob
+
+    from collafuse.distill import load_student
+
+    if args.students is None:
+        raise SystemExit("--part grid needs --students (a folder holding student_n{N}.json)")
+    paths = {int(os.path.basename(p)[len("student_n"):-len(".json")]): p
+             for p in glob.glob(os.path.join(args.students, "**", "student_n*.json"), recursive=True)}
+    client, seed = args.cost_client, args.seeds[0]
+    x, lab = setup.handoff(client, 16, seed=seed, server_steps=args.server_steps)
+    rows = ["full"] + [f"{kind}-{n}" for n in args.steps for kind in ("ddim", "distilled") if kind == "ddim"
+                       or n in paths]
+    grid = []
+    for row in rows:
+        st = load_student(paths[int(row.split("-")[1])], setup.run) if row.startswith("distilled") else None
+        grid.append(setup.finish(client, x, lab, row, seed, st).numpy())
+    return {"client": client, "seed": seed, "rows": rows,
+            "students": {n: os.path.abspath(p) for n, p in paths.items()}, "grid": np.stack(grid)}
+
+
 def _quality_rows(args) -> list[str]:
     """full segment, the teacher's own samplers at its ``teacher_steps`` levels (deterministic DDIM:
     what trajectory distillation imitates; ancestral: the same levels with fresh noise), then DDIM
@@ -404,7 +429,8 @@ def write_grid(grid: np.ndarray, rows: list[str], path: str) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--run", required=True)
-    p.add_argument("--part", choices=("samplers", "method", "quality", "cost", "all"), default="all")
+    p.add_argument("--part", choices=("samplers", "method", "quality", "cost", "grid", "all"), default="all",
+                   help="all: samplers, method, quality, cost (grid: a sample grid of --students only)")
     p.add_argument("--out", default="docs/data", help="folder for few_step_client_<part>.json")
     p.add_argument("--img", default="docs/img", help="folder for the sample grid")
     p.add_argument("--work", default=None, help="scratch folder (students, bundles); default a temp dir")
@@ -452,6 +478,10 @@ def main(argv=None) -> int:
             res = part_method(setup, args, work)
         elif part == "quality":
             res = part_quality(setup, args, work)
+        elif part == "grid":
+            res = part_grid(setup, args, work)
+            os.makedirs(args.img, exist_ok=True)
+            write_grid(res.pop("grid"), res["rows"], os.path.join(args.img, "few_step_grid.png"))
         else:
             res = part_cost(setup, args, work, args.students)
             os.makedirs(args.img, exist_ok=True)
