@@ -96,7 +96,12 @@ def add_distill_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
 @command("collafuse distill")
 def cmd_distill(args: argparse.Namespace) -> int:
     from .distill import DistillConfig, distill
+    from .errors import ConfigError
     from .train import resolve_device
+
+    if args.start_steps is not None and args.method != "progressive":
+        raise ConfigError(f"--start-steps only applies to --method progressive (this is --method {args.method}); "
+                          "drop it, or add --method progressive")
 
     dc = DistillConfig(client=args.client, steps=args.steps, method=args.method, teacher_steps=args.teacher_steps,
                        start_steps=args.start_steps, iters=args.iters,

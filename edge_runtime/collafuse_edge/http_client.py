@@ -386,8 +386,10 @@ async def generate_over_http(
     state = {"received": 0, "steps": 0}
     server_what = f"{server_sampler}" + (f", {server_steps} steps" if server_sampler == "ddim" and server_steps else "")
 
+    here = runtime.bundle.sampler_for(sampler)  # a distilled bundle runs its own timetable
+    here_what = f"distilled, {here.steps} calls" if here.sampler == "distilled" else here.sampler
     with progress.ticker(f"{n} images: waiting on {server.config.url} ({server_what} there, "
-                         f"{sampler.sampler} here)") as t:
+                         f"{here_what} here)") as t:
 
         def show() -> None:
             t.set_detail(f"— server: {state['received']}/{len(chunks)} handoff batches received; "

@@ -140,7 +140,10 @@ def test_a_site_run_distils_exports_and_generates(tmp_path, capsys):
     finally:
         tr.close()
     assert main(["distill", "--run", site, "--client", "1", "--steps", "1", "--teacher-steps", "8",
-                 "--start-steps", "2", "--iters", "1", "--batch-size", "4"]) == 0
+                 "--start-steps", "2", "--iters", "1", "--batch-size", "4"]) == 2  # progressive only
+    assert "--start-steps only applies to --method progressive" in capsys.readouterr().err
+    assert main(["distill", "--run", site, "--client", "1", "--steps", "1", "--teacher-steps", "8",
+                 "--iters", "1", "--batch-size", "4", "--pairs", "8"]) == 0  # the default method, dmd
     student = f"{site}/distill/client_1/student_n1.json"
     bundle = str(tmp_path / "bundle")
     assert main(["export", "--run", site, "--client", "1", "--student", student, "--out", bundle, "--no-speed"]) == 0
