@@ -106,23 +106,28 @@ def st_schedule(run_dir):
     return read_config(run_dir).schedule.build()
 
 
-def test_resume_continues_bit_for_bit(tiny_run, tmp_path, monkeypatch):
-    dc = DistillConfig(steps=1, **TINY)
-    distill(tiny_run, dc, str(tmp_path / "a"), progress=False)
+def _distill_dying_at_call(n: int, monkeypatch, run_dir: str, dc: DistillConfig, out: str) -> None:
+    """Distil with the ``n``-th optimisation step interrupted (as Ctrl-C would), then restore."""
     calls = {"n": 0}
     real = Distiller.train_step
 
     def dying(self):
         calls["n"] += 1
-        if calls["n"] == 4:  # after the checkpoint at step 2 and the stage change at 3
+        if calls["n"] == n:
             raise KeyboardInterrupt
         return real(self)
 
     monkeypatch.setattr(Distiller, "train_step", dying)
     with pytest.raises(KeyboardInterrupt):
-        distill(tiny_run, dc, str(tmp_path / "b"), progress=False)
+        distill(run_dir, dc, out, progress=False)
     monkeypatch.setattr(Distiller, "train_step", real)
-    res = distill(tiny_run, dc, str(tmp_path / "b"), resume=True, progress=False)
+
+
+def test_resume_continues_bit_for_bit(tiny_run, tmp_path, monkeypatch):
+    dc = DistillConfig(steps=1, **TINY)
+    distill(tiny_run, dc, str(tmp_path / "a"), progress=False)
+    _distill_dying_at_call(4, monkeypatch, tiny_run, dc, str(tmp_path / "b"))  # after the checkpoint at step 2 and
+    res = distill(tiny_run, dc, str(tmp_path / "b"), resume=True, progress=False)  # the stage change at 3
     assert res.step == 6
     a, b = (load_file(student_paths(str(tmp_path / d), 1)[1]) for d in ("a", "b"))
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -150,20 +155,8 @@ def test_dmd_run_writes_the_student_and_resumes_bit_for_bit(tiny_run, tmp_path, 
     assert meta["method"] == "dmd" and meta["levels"] == [29, 14]
     ckpt = os.path.join(str(tmp_path / "a"), "checkpoints")
     assert any(f.startswith("fake") for d in os.listdir(ckpt) for f in os.listdir(os.path.join(ckpt, d)))
-    calls = {"n": 0}
-    real = Distiller.train_step
-
-    def dying(self):
-        calls["n"] += 1
-        if calls["n"] == 4:  # after the checkpoint at step 2: the fake denoiser must come back too
-            raise KeyboardInterrupt
-        return real(self)
-
-    monkeypatch.setattr(Distiller, "train_step", dying)
-    with pytest.raises(KeyboardInterrupt):
-        distill(tiny_run, dc, str(tmp_path / "b"), progress=False)
-    monkeypatch.setattr(Distiller, "train_step", real)
-    distill(tiny_run, dc, str(tmp_path / "b"), resume=True, progress=False)
+    _distill_dying_at_call(4, monkeypatch, tiny_run, dc, str(tmp_path / "b"))  # after the checkpoint at step 2:
+    distill(tiny_run, dc, str(tmp_path / "b"), resume=True, progress=False)  # the fake denoiser must come back too
     a, b = (load_file(student_paths(str(tmp_path / d), 2)[1]) for d in ("a", "b"))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
