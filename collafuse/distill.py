@@ -213,19 +213,17 @@ def snr_weight(schedule: Schedule, t: torch.Tensor) -> torch.Tensor:
 def unroll_student(model: torch.nn.Module, schedule: Schedule, x: torch.Tensor, levels: np.ndarray,
                    labels: torch.Tensor | None) -> torch.Tensor:
     """The student's N deterministic DDIM steps over ``levels`` (ending at clean), differentiable:
-    x_s = α_s·x̂0 + σ_s·ε̂ with x̂0 unclipped. Returns the final x̂0, unclipped — the distilled
-    sampler (:func:`collafuse.sampling.run_distilled`, the edge's ``"distilled"``) is this followed
-    by clipping the image."""
+    the shared :func:`ddim_step` with x̂0 unclipped. Returns the final image, unclipped — the
+    distilled sampler (:func:`collafuse.sampling.run_distilled`, the edge's ``"distilled"``) is
+    this followed by clipping the image."""
+    import dataclasses
+
+    free = dataclasses.replace(schedule, clip_sample=False)
     lv = [int(v) for v in levels] + [-1]
     B = x.shape[0]
     for t, s in zip(lv[:-1], lv[1:]):
         tt = torch.full((B,), t, dtype=torch.long, device=x.device)
-        eps = denoise(model, x, tt, labels)
-        x0 = x0_from_eps(schedule, x, eps, tt)
-        if s < 0:
-            return x0
-        ab_s = float(schedule.alpha_bar(np.array([s]))[0])
-        x = math.sqrt(ab_s) * x0 + math.sqrt(1.0 - ab_s) * eps
+        x = ddim_step(free, x, denoise(model, x, tt, labels), t, s)
     return x
 
 
